@@ -1,0 +1,9 @@
+"""Reconstruction engines: everything that turns a sparsely measured frame into a full one.
+
+All engines implement `Reconstructor` (engines.base); the daemon only talks to that interface.
+"""
+
+from stm_live.engines.base import Reconstruction, Reconstructor, reconstruct_exact
+from stm_live.engines.registry import ENGINES, create_engine
+
+__all__ = ["ENGINES", "Reconstruction", "Reconstructor", "create_engine", "reconstruct_exact"]

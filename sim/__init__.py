@@ -1,0 +1,1 @@
+"""The simulator: synthetic STM surfaces and a simulated instrument that streams them."""

@@ -1,0 +1,5 @@
+import sys
+
+from stm_live.cli import main
+
+sys.exit(main())

@@ -1,0 +1,115 @@
+"""Benchmarks behind `stm-live bench ...`; each returns a JSON-ready dict naming the machine."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from stm_live.config import Settings
+from stm_live.daemon import Daemon
+from stm_live.demo import free_tcp_endpoint
+from stm_live.protocol import ChannelInfo, ScanStart
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _send_lines(endpoint: str, lines: int, cols: int, channels: int, rate: float, sent: Any) -> None:
+    """Sender process: full scans of `cols` rows, forward and backward, at `rate` lines/s (0 = flat out)."""
+    from stm_live.drivers.publisher import InstrumentPublisher
+
+    infos = tuple(ChannelInfo(f"ch{i}", "V", "float32") for i in range(channels))
+    values = [np.random.default_rng(i).normal(size=cols).astype(np.float32) for i in range(channels)]
+    pub = InstrumentPublisher(endpoint, "bench-sender", sndhwm=0)
+    pub.wait_for_subscriber(30)
+    count, scan, start = 0, 0, time.perf_counter()
+    while count < lines:
+        uid = f"bench-{scan:05d}"
+        pub.scan_start(ScanStart(uid, "bench", infos, cols, cols, (100.0, 100.0), "down", "full",
+                                 ("forward", "backward"), 0.001, 1.0, 1e-10, time.time()))
+        for row in range(cols):
+            for direction in ("forward", "backward"):
+                if count >= lines:
+                    break
+                if rate and count % 64 == 0:
+                    delay = start + count / rate - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                pub.line(uid, row, direction, infos, values)
+                count += 1
+        pub.scan_end(uid, "complete")
+        scan += 1
+    sent.value = count
+    pub.close(linger_s=None)
+
+
+def bench_ingest(settings: Settings, lines: int = 200_000, cols: int = 512, channels: int = 2,
+                 rate: float = 0.0, export_hdf5: bool = False, timeout_s: float = 600.0) -> dict[str, Any]:
+    """Lines/s through the daemon's real ingest path (decode + assembly + journal), no reconstruction.
+
+    The sender runs on the same machine. With `export_hdf5` the per-scan HDF5 export runs too.
+    """
+    endpoint, output = free_tcp_endpoint(), free_tcp_endpoint()
+    with tempfile.TemporaryDirectory(prefix="stm-live-bench-") as record:
+        cfg = settings.model_copy(deep=True)
+        cfg.daemon.input, cfg.daemon.output, cfg.daemon.record_dir = endpoint, output, record
+        cfg.daemon.engine, cfg.daemon.reconstruct_every_lines = "none", 0
+        cfg.daemon.export_hdf5 = export_hdf5
+        context = zmq.Context()
+        daemon = Daemon(cfg, context)
+        sent = mp.get_context("spawn").Value("q", 0)
+        sender = mp.get_context("spawn").Process(target=_send_lines, args=(endpoint, lines, cols, channels, rate, sent))
+        sender.start()
+        thread = threading.Thread(target=daemon.run, name="bench-daemon")
+        thread.start()
+        first = last = None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            n = daemon.counters["lines"]
+            if n and first is None:
+                first = time.perf_counter()
+            if n >= lines:
+                last = time.perf_counter()
+                break
+            if not sender.is_alive() and n < lines and _idle_for(daemon, 10.0):
+                break
+            time.sleep(0.02)
+        cpu = time.process_time()
+        sender.join(60)
+        daemon.stop()
+        thread.join(60)
+        context.term()
+        journal_bytes = sum(p.stat().st_size for p in Path(record).glob("*.journal"))
+    received = daemon.counters["lines"]
+    seconds = (last or time.perf_counter()) - (first or time.perf_counter())
+    return {
+        "benchmark": "ingest", "machine": machine(), "lines_offered": int(sent.value) or lines,
+        "cols": cols, "channels": channels, "offered_rate": rate or "max", "hdf5_export": export_hdf5,
+        "lines_received": received, "messages_recorded": daemon.counters["recorded"],
+        "dropped": (int(sent.value) or lines) - received, "drops_by_reason": dict(daemon.drops.counts),
+        "seconds": round(seconds, 3), "lines_per_s": round(received / seconds, 1) if seconds > 0 else None,
+        "journal_mb": round(journal_bytes / 1e6, 1), "daemon_process_cpu_s": round(cpu, 2),
+        "daemon_counters": dict(daemon.counters),
+    }
+
+
+def _idle_for(daemon: Daemon, seconds: float) -> bool:
+    before = daemon.counters["lines"]
+    time.sleep(seconds)
+    return daemon.counters["lines"] == before

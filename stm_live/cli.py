@@ -1,0 +1,166 @@
+"""The `stm-live` command: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from stm_live.config import ConfigError, Settings, load_settings, settings_as_toml
+
+
+def _settings(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> Settings:
+    return load_settings(args.config, overrides)
+
+
+def _stop_on_signals(stop) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from stm_live.daemon import Daemon
+
+    settings = _settings(args, {"daemon": {
+        "input": args.input, "output": args.output, "record_dir": args.record, "engine": args.engine,
+        "reconstruct_every_lines": args.every,
+    }})
+    daemon = Daemon(settings)
+    _stop_on_signals(daemon.stop)
+    daemon.run()
+    return 0
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from stm_live.sim.instrument import SimInstrument
+
+    s = _settings(args, {"sim": {
+        "bind": args.bind, "frames": args.frames, "size": args.size, "plan": args.plan,
+        "line_rate_hz": args.line_rate, "seed": args.seed, "wait_topics": args.wait_topic,
+    }}).sim
+    stopping = []
+    _stop_on_signals(lambda: stopping.append(True))
+    instrument = SimInstrument(s.bind, size=s.size, plan=s.plan, line_rate_hz=s.line_rate_hz, seed=s.seed,
+                               frame_nm=s.frame_nm, lattice_nm=s.lattice_nm, noise_pm=s.noise_pm)
+    try:
+        sent = instrument.run(s.frames, s.wait_subscriber_s, lambda: bool(stopping), s.wait_topics)
+    finally:
+        instrument.close()
+    logging.getLogger("stm_live.sim").info("sent %d lines", sent)
+    return 0
+
+
+def cmd_tap(args: argparse.Namespace) -> int:
+    from stm_live.tap import tap, to_json
+
+    for summary in tap(args.connect, args.count, args.timeout, tuple(args.topic or [""])):
+        print(to_json(summary), flush=True)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stm_live.demo import format_summary, run_demo
+
+    settings = _settings(args, {"demo": {
+        "frames": args.frames, "size": args.size, "plan": args.plan, "line_rate_hz": args.line_rate,
+        "seed": args.seed,
+    }})
+    summary = run_demo(settings, record_dir=args.record)
+    print(format_summary(summary))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(summary, fh, indent=2)
+    return 0 if summary["frames_scored"] else 1
+
+
+def cmd_bench_ingest(args: argparse.Namespace) -> int:
+    from stm_live.bench import bench_ingest
+
+    result = bench_ingest(_settings(args, {}), lines=args.lines, cols=args.cols, channels=args.channels,
+                          rate=args.rate, export_hdf5=args.hdf5)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(text + "\n")
+    return 0 if result["dropped"] == 0 else 1
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(settings_as_toml(_settings(args, {})), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stm-live", description=__doc__)
+    parser.add_argument("--config", help="TOML settings file (default: $STM_LIVE_CONFIG, else built-in defaults)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="the streaming daemon")
+    p.add_argument("--input", help="instrument endpoint to connect to")
+    p.add_argument("--output", help="endpoint to bind for frames and status")
+    p.add_argument("--record", help="directory for journals and HDF5 files ('' disables recording)")
+    p.add_argument("--engine", help="reconstruction engine: classical or none")
+    p.add_argument("--every", type=int, help="progressive reconstruction every N lines (0: at scan end only)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sim", help="a simulated instrument streaming synthetic scans")
+    p.add_argument("--bind", help="endpoint to bind")
+    p.add_argument("--frames", type=int)
+    p.add_argument("--size", type=int, help="frame edge in pixels")
+    p.add_argument("--plan", help="sampling plan, e.g. full, lines:4, pixels:0.25, sr:4, partial:64")
+    p.add_argument("--line-rate", type=float, help="rows per second")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--wait-topic", action="append", help="start scanning once these topics have subscribers")
+    p.set_defaults(func=cmd_sim)
+
+    p = sub.add_parser("tap", help="print one JSON line per message on an endpoint")
+    p.add_argument("--connect", required=True)
+    p.add_argument("--count", type=int)
+    p.add_argument("--timeout", type=float, help="seconds to listen")
+    p.add_argument("--topic", action="append", help="only these message types (repeatable)")
+    p.set_defaults(func=cmd_tap)
+
+    p = sub.add_parser("demo", help="simulator -> daemon on loopback, with a quality and latency summary")
+    p.add_argument("--frames", type=int)
+    p.add_argument("--size", type=int)
+    p.add_argument("--plan")
+    p.add_argument("--line-rate", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--record", help="keep the recording here (default: a temporary directory)")
+    p.add_argument("--json", help="also write the summary as JSON")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmarks (JSON output)")
+    bench = p.add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("ingest", help="sustained lines/s through decode + assembly + record")
+    b.add_argument("--lines", type=int, default=200_000)
+    b.add_argument("--cols", type=int, default=512)
+    b.add_argument("--channels", type=int, default=2)
+    b.add_argument("--rate", type=float, default=0.0, help="offered lines/s (0: as fast as the sender can)")
+    b.add_argument("--hdf5", action="store_true", help="also run the per-scan HDF5 export")
+    b.add_argument("--json", help="write the result here too")
+    b.set_defaults(func=cmd_bench_ingest)
+
+    p = sub.add_parser("config", help="print the resolved settings as TOML")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"stm-live: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

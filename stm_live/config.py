@@ -1,0 +1,163 @@
+"""Settings, resolved in one place: defaults < config file < STM_LIVE_* environment < CLI flags.
+
+Every setting, its type and its default live in the models below; `config.toml` at the
+repository root lists the same defaults for users to copy (a test keeps the two equal).
+Unknown keys anywhere are an error, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from stm_live.plans import parse_plan
+
+ENV_PREFIX = "STM_LIVE_"
+ENV_CONFIG_FILE = "STM_LIVE_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, of the wrong type or out of range."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DaemonSettings(_Section):
+    input: str = Field("tcp://127.0.0.1:5550", description="endpoint the daemon connects to for instrument lines")
+    output: str = Field("tcp://127.0.0.1:5551", description="endpoint the daemon binds to publish frames and status")
+    record_dir: str = Field("recordings", description="directory for raw-line journals and per-scan HDF5 files")
+    export_hdf5: bool = Field(True, description="write <uid>.h5 from each finished scan's journal")
+    engine: str = Field("classical", description="reconstruction engine; 'none' publishes raw frames only")
+    reconstruct_every_lines: int = Field(16, ge=0, description="progressive reconstruction cadence; 0 = at scan end only")
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    status_interval_s: float = Field(1.0, gt=0)
+    max_active_scans: int = Field(64, ge=1, description="open scans kept; beyond this the least recently fed is aborted")
+    drain_max_messages: int = Field(2000, ge=1, description="messages handled per wake-up before housekeeping")
+
+
+class LimitSettings(_Section):
+    max_header_bytes: int = Field(65536, ge=256)
+    max_rows: int = Field(8192, ge=1)
+    max_cols: int = Field(8192, ge=1)
+    max_channels: int = Field(16, ge=1)
+
+
+class ZmqSettings(_Section):
+    input_hwm: int = Field(1_000_000, ge=0, description="input queue bound in messages (0 = unbounded)")
+    output_hwm: int = Field(10_000, ge=0, description="per-subscriber output queue bound in messages")
+    linger_ms: int = Field(1000, ge=0)
+
+
+class SimSettings(_Section):
+    bind: str = "tcp://127.0.0.1:5550"
+    frames: int = Field(3, ge=1)
+    size: int = Field(256, ge=8, le=8192)
+    plan: str = "lines:4"
+    line_rate_hz: float = Field(200.0, gt=0)
+    seed: int = 0
+    frame_nm: float = Field(10.0, gt=0, description="physical frame edge length")
+    lattice_nm: float = Field(0.77, gt=0, description="lattice constant of the simple hexagonal surface")
+    noise_pm: float = Field(3.0, ge=0, description="white height noise, picometres RMS")
+    wait_subscriber_s: float = Field(10.0, ge=0, description="wait this long for subscribers before scanning")
+    wait_topics: list[str] = Field(["line"], description="topics that must have a subscriber before scanning")
+
+    @field_validator("plan")
+    @classmethod
+    def _plan_parses(cls, value: str) -> str:
+        parse_plan(value)
+        return value
+
+
+class DemoSettings(_Section):
+    frames: int = Field(3, ge=1)
+    size: int = Field(256, ge=16, le=2048)
+    plan: str = "lines:4"
+    line_rate_hz: float = Field(2000.0, gt=0)
+    seed: int = 1
+
+    @field_validator("plan")
+    @classmethod
+    def _plan_parses(cls, value: str) -> str:
+        parse_plan(value)
+        return value
+
+
+class Settings(_Section):
+    daemon: DaemonSettings = DaemonSettings()
+    limits: LimitSettings = LimitSettings()
+    zmq: ZmqSettings = ZmqSettings()
+    sim: SimSettings = SimSettings()
+    demo: DemoSettings = DemoSettings()
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """`STM_LIVE_DAEMON__ENGINE=classical` -> {"daemon": {"engine": "classical"}}."""
+    overrides: dict[str, dict[str, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
+            continue
+        section, sep, key = name[len(ENV_PREFIX):].lower().partition("__")
+        if not sep or not key:
+            raise ConfigError(f"environment variable {name}: expected {ENV_PREFIX}SECTION__KEY")
+        overrides.setdefault(section, {})[key] = value
+    return overrides
+
+
+def _merge(base: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Resolve settings from all layers; raise ConfigError naming the offending key."""
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = Settings().model_dump()
+    path = path or environ.get(ENV_CONFIG_FILE)
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = _merge(data, tomllib.load(fh))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+    data = _merge(data, _env_overrides(environ))
+    if overrides:
+        data = _merge(data, {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in overrides.items()})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(problems) from exc
+
+
+def settings_as_toml(settings: Settings) -> str:
+    """Render settings as TOML (used by `stm-live config` and to check config.toml)."""
+    lines: list[str] = []
+    for section, values in settings.model_dump().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, str):
+                lines.append(f'{key} = "{value}"')
+            elif isinstance(value, list):
+                lines.append(f"{key} = [{', '.join(repr(v).replace(chr(39), chr(34)) for v in value)}]")
+            elif isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            else:
+                lines.append(f"{key} = {value!r}")
+        lines.append("")
+    return "\n".join(lines)

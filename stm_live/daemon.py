@@ -1,0 +1,266 @@
+"""The streaming daemon: instrument lines in, frames and status out, everything recorded.
+
+Data flows one way. The ingest thread receives a message, decodes it strictly, appends it to
+the scan's journal (before anything else happens to it), then routes it to the frame assembler;
+every `reconstruct_every_lines` lines and at scan end it hands a snapshot to the scheduler. The
+reconstruction worker sends finished frames back over an inproc socket, and the ingest thread,
+the only owner of the output socket, publishes them with heartbeats and status.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import zmq
+
+from stm_live.assembly import AssemblyError, FrameAssembler, ScanState
+from stm_live.config import Settings
+from stm_live.engines import create_engine
+from stm_live.export import ExportProcess
+from stm_live.protocol import (
+    INSTRUMENT_TYPES,
+    Decoder,
+    Frame,
+    Heartbeat,
+    Limits,
+    Line,
+    ProtocolError,
+    ScanEnd,
+    ScanStart,
+    Status,
+    encode,
+)
+from stm_live.recorder import Recorder
+from stm_live.scheduler import ReconstructionScheduler
+
+log = logging.getLogger(__name__)
+
+SOURCE = "stm-live"
+
+
+class DropLog:
+    """Counts dropped messages by reason; logs the 1st, 10th, 100th, ... of each reason."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def drop(self, reason: str, detail: str) -> None:
+        n = self.counts.get(reason, 0) + 1
+        self.counts[reason] = n
+        if n in (1, 10, 100, 1000) or n % 10_000 == 0:
+            log.warning("dropped message #%d for %s: %s", n, reason, detail)
+
+
+class Daemon:
+    """One instance per process; `run()` serves until `stop()` is called."""
+
+    def __init__(self, settings: Settings, context: zmq.Context | None = None) -> None:
+        self.settings = settings
+        cfg = settings.daemon
+        self.context = context or zmq.Context.instance()
+        self.decoder = Decoder(Limits(**settings.limits.model_dump()))
+        self.assembler = FrameAssembler(cfg.max_active_scans)
+        self.recorder = Recorder(cfg.record_dir, max_open=cfg.max_active_scans) if cfg.record_dir else None
+        self.exporter: ExportProcess | None = None
+        self.scheduler = ReconstructionScheduler(create_engine(cfg.engine), self._send_from_worker)
+        self.drops = DropLog()
+        self.counters = dict.fromkeys(
+            ("received", "recorded", "record_errors", "lines", "scans_started", "scans_completed",
+             "scans_aborted", "out_of_order", "missing_lines", "heartbeats_in"), 0)
+        self.instrument_seen: dict[str, float] = {}
+        self.state = "starting"
+        self.record_error: str | None = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._results_endpoint = f"inproc://stm-live-results-{id(self)}"
+        self._worker_socket: zmq.Socket | None = None
+        self._heartbeat_seq = 0
+
+    # -- life cycle -------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """True once the sockets are bound and connected."""
+        return self._ready.wait(timeout)
+
+    def run(self) -> None:
+        cfg, zcfg = self.settings.daemon, self.settings.zmq
+        lim = self.settings.limits
+        sub = self.context.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, zcfg.input_hwm)
+        sub.setsockopt(zmq.MAXMSGSIZE, max(lim.max_header_bytes, lim.max_cols * 8))
+        for topic in INSTRUMENT_TYPES:
+            sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        pub = self.context.socket(zmq.PUB)
+        pub.setsockopt(zmq.SNDHWM, zcfg.output_hwm)
+        results = self.context.socket(zmq.PULL)
+        for sock in (sub, pub, results):
+            sock.setsockopt(zmq.LINGER, zcfg.linger_ms)
+        try:
+            results.bind(self._results_endpoint)
+            pub.bind(cfg.output)
+            sub.connect(cfg.input)
+            self.scheduler.start()
+            if self.recorder is not None and cfg.export_hdf5:
+                self.exporter = ExportProcess()
+            log.info("daemon: input %s, output %s, engine %s, recording to %s",
+                     cfg.input, cfg.output, self.scheduler.method, cfg.record_dir or "(off)")
+            self.state = "idle"
+            self._ready.set()
+            self._serve(sub, pub, results)
+        finally:
+            self.state = "stopping"
+            for scan in self.assembler.close_all("aborted"):
+                self._finish_scan(scan)
+            self.scheduler.close()
+            self._forward(results, pub)
+            self._publish_status(pub)
+            if self.recorder:
+                self.recorder.close()
+            if self.exporter is not None:
+                self.exporter.close()
+            if self._worker_socket is not None:
+                self._worker_socket.close()
+            for sock in (sub, results, pub):
+                sock.close()
+            log.info("daemon stopped: %s", self.counters)
+
+    def _serve(self, sub: zmq.Socket, pub: zmq.Socket, results: zmq.Socket) -> None:
+        cfg = self.settings.daemon
+        poller = zmq.Poller()
+        poller.register(sub, zmq.POLLIN)
+        poller.register(results, zmq.POLLIN)
+        next_heartbeat = next_status = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                self._publish(pub, Heartbeat(SOURCE, self._heartbeat_seq, time.time()))
+                self._heartbeat_seq += 1
+                next_heartbeat = now + cfg.heartbeat_interval_s
+            if now >= next_status:
+                self._publish_status(pub)
+                next_status = now + cfg.status_interval_s
+            wait_ms = max(0, int(1000 * (min(next_heartbeat, next_status, now + 0.2) - now)))
+            events = dict(poller.poll(wait_ms))
+            if sub in events:
+                batch = []
+                for _ in range(cfg.drain_max_messages):
+                    try:
+                        batch.append(sub.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                self.handle(batch)
+            if results in events:
+                self._forward(results, pub)
+
+    # -- ingest path ------------------------------------------------------------------------
+    def handle(self, batch: list[list]) -> None:
+        """Decode, record, then assemble a batch of received messages; failures are counted drops.
+
+        Decoding has no side effects, so recording the whole batch before routing any of it keeps
+        the rule that nothing acts on a message before it is on disk, at one write per scan.
+        """
+        received = time.perf_counter()
+        self.counters["received"] += len(batch)
+        valid: list[tuple[ScanStart | Line | ScanEnd, list]] = []
+        for frames in batch:
+            try:
+                msg = self.decoder.decode(frames)
+            except ProtocolError as exc:
+                self.drops.drop(exc.reason, exc.detail)
+                continue
+            if isinstance(msg, (Line, ScanStart, ScanEnd)):
+                valid.append((msg, frames))
+            elif isinstance(msg, Heartbeat):
+                self.counters["heartbeats_in"] += 1
+                self.instrument_seen[msg.source] = time.time()
+            else:
+                self.drops.drop("unexpected_type", f"{msg.type} on the instrument input")
+        self._record(valid)
+        for msg, _ in valid:
+            try:
+                if isinstance(msg, Line):
+                    self._on_line(msg, received)
+                elif isinstance(msg, ScanStart):
+                    self._on_scan_start(msg)
+                else:
+                    self._finish_scan(self.assembler.end(msg))
+            except AssemblyError as exc:
+                self.drops.drop(exc.reason, str(exc))
+
+    def _record(self, valid: list[tuple[ScanStart | Line | ScanEnd, list]]) -> None:
+        if self.recorder is None or not valid:
+            return
+        try:
+            self.recorder.record([(msg.uid, frames) for msg, frames in valid], time.time())
+            self.counters["recorded"] += len(valid)
+        except OSError as exc:
+            self.counters["record_errors"] += 1
+            if self.record_error is None or self.counters["record_errors"] % 1000 == 1:
+                log.error("recording failed (%d so far): %s", self.counters["record_errors"], exc)
+            self.record_error = str(exc)
+
+    def _on_scan_start(self, msg: ScanStart) -> None:
+        state, evicted = self.assembler.start(msg)
+        self.counters["scans_started"] += 1
+        log.info("scan %s started: %s, %dx%d px, %.3gx%.3g nm, plan %s, %s", msg.uid, msg.instrument,
+                 msg.rows, msg.cols, *msg.size_nm, msg.plan, "/".join(c.name for c in msg.channels))
+        if evicted is not None:
+            log.warning("too many open scans: closing %s as aborted", evicted.uid)
+            self._finish_scan(evicted)
+
+    def _on_line(self, msg: Line, received: float) -> None:
+        state, frames = self.assembler.add_line(msg, received)
+        self.counters["lines"] += 1
+        every = self.settings.daemon.reconstruct_every_lines
+        if every and frames.lines_since_publish >= every:
+            self.scheduler.submit_scan(state, msg.direction, frames, final=False)
+
+    def _finish_scan(self, state: ScanState) -> None:
+        for direction, frames in state.directions.items():
+            if frames.rows_seen.any():
+                self.scheduler.submit_scan(state, direction, frames, final=True)
+        self.counters["scans_completed" if state.end_reason == "complete" else "scans_aborted"] += 1
+        self.counters["out_of_order"] += state.out_of_order
+        self.counters["missing_lines"] += state.missing
+        log.info("scan %s ended (%s): %d lines", state.uid, state.end_reason, state.lines)
+        if self.recorder is not None:
+            self.recorder.close_scan(state.uid)
+            if self.exporter is not None:
+                self.exporter.submit(self.recorder.journal_path(state.uid), state.end_reason or "aborted")
+
+    # -- output path ------------------------------------------------------------------------
+    def _send_from_worker(self, frame: Frame) -> None:
+        """Called on the reconstruction thread only; it owns this socket."""
+        if self._worker_socket is None:
+            self._worker_socket = self.context.socket(zmq.PUSH)
+            self._worker_socket.connect(self._results_endpoint)
+        self._worker_socket.send_multipart(encode(frame), copy=False)
+
+    def _forward(self, results: zmq.Socket, pub: zmq.Socket) -> None:
+        while True:
+            try:
+                pub.send_multipart(results.recv_multipart(zmq.NOBLOCK, copy=False), copy=False)
+            except zmq.Again:
+                return
+
+    def _publish(self, pub: zmq.Socket, msg: Heartbeat | Status) -> None:
+        pub.send_multipart(encode(msg), copy=False)
+
+    def status(self) -> Status:
+        if self.state in ("idle", "acquiring"):
+            self.state = "acquiring" if self.assembler.scans else "idle"
+        counters = dict(self.counters)
+        counters.update(self.scheduler.counters)
+        counters["dropped"] = sum(self.drops.counts.values())
+        latency = {k: v for k, v in self.scheduler.latency.summary().items() if k != "n"}
+        if self.record_error:
+            counters["record_error_active"] = 1
+        return Status(SOURCE, self.state, self.scheduler.method, counters, dict(self.drops.counts),
+                      latency, tuple(self.assembler.scans), time.time())
+
+    def _publish_status(self, pub: zmq.Socket) -> None:
+        self._publish(pub, self.status())

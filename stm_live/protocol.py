@@ -1,0 +1,445 @@
+"""Wire protocol v1: ZeroMQ multipart messages = topic + msgpack header + raw array frames.
+
+The topic frame is the message type (ZeroMQ filters on it natively). The header is a msgpack
+map carrying the schema version `v`, the `type` (equal to the topic) and the type's fields; it
+describes each following array frame by name, dtype (NumPy typestr, so byte order is explicit)
+and shape. Arrays travel as raw bytes, sent without copying. No pickle anywhere.
+
+Decoding is strict and bounded: unknown or missing fields, wrong types, sizes beyond the
+configured limits or array frames that disagree with the header raise ProtocolError, whose
+`reason` is a short key the daemon counts drops by. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import msgpack
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+ARRAY_DTYPES = frozenset(
+    {"<f4", ">f4", "<f8", ">f8", "|u1", "<u2", ">u2", "<i2", ">i2", "<i4", ">i4"}
+)
+CHANNEL_DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+SCAN_DIRECTIONS = ("down", "up")
+LINE_DIRECTIONS = ("forward", "backward")
+END_REASONS = ("complete", "aborted")
+FRAME_KINDS = ("raw", "reconstructed")
+DAEMON_STATES = ("starting", "idle", "acquiring", "stopping")
+
+_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+_NAME = re.compile(r"[A-Za-z0-9_ .()/+-]{1,64}\Z")
+_MAX_EXTRA_KEYS = 64
+
+
+class ProtocolError(ValueError):
+    """A message that is not valid v1; `reason` is a short counter key."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_header_bytes: int = 65536
+    max_rows: int = 8192
+    max_cols: int = 8192
+    max_channels: int = 16
+
+
+@dataclass(frozen=True)
+class ChannelInfo:
+    name: str
+    unit: str
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class ScanStart:
+    uid: str
+    instrument: str
+    channels: tuple[ChannelInfo, ...]
+    rows: int
+    cols: int
+    size_nm: tuple[float, float]
+    scan_direction: str
+    plan: str
+    line_directions: tuple[str, ...]
+    line_time_s: float
+    bias_v: float
+    setpoint_a: float
+    t: float
+    extra: dict[str, Any] = field(default_factory=dict)
+    type = "scan_start"
+
+
+@dataclass(frozen=True)
+class Line:
+    uid: str
+    seq: int
+    row: int
+    direction: str
+    t: float
+    channels: tuple[str, ...]
+    arrays: tuple[np.ndarray, ...]
+    type = "line"
+
+
+@dataclass(frozen=True)
+class ScanEnd:
+    uid: str
+    reason: str
+    t: float
+    type = "scan_end"
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    source: str
+    seq: int
+    t: float
+    type = "heartbeat"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A whole frame of one channel and line direction; `mask` marks measured pixels."""
+
+    uid: str
+    channel: str
+    unit: str
+    direction: str
+    kind: str
+    rows_seen: int
+    size_nm: tuple[float, float]
+    method: str
+    latency_s: float
+    final: bool
+    t: float
+    image: np.ndarray
+    mask: np.ndarray
+    uncertainty: np.ndarray | None = None
+    type = "frame"
+
+
+@dataclass(frozen=True)
+class Status:
+    source: str
+    state: str
+    engine: str
+    counters: dict[str, int]
+    drops: dict[str, int]
+    latency_s: dict[str, float]
+    active_scans: tuple[str, ...]
+    t: float
+    type = "status"
+
+
+@dataclass(frozen=True)
+class Truth:
+    """Simulator only: the full-resolution frame a `full` scan would have measured."""
+
+    uid: str
+    channels: tuple[str, ...]
+    arrays: tuple[np.ndarray, ...]
+    t: float
+    type = "truth"
+
+
+Message = Union[ScanStart, Line, ScanEnd, Heartbeat, Frame, Status, Truth]
+INSTRUMENT_TYPES = ("scan_start", "line", "scan_end", "heartbeat")
+TYPES = INSTRUMENT_TYPES + ("frame", "status", "truth")
+
+
+def _array_spec(name: str, array: np.ndarray) -> dict[str, Any]:
+    return {"name": name, "dtype": array.dtype.str, "shape": list(array.shape)}
+
+
+def encode(msg: Message) -> list[Any]:
+    """Message -> multipart frames [topic, header, *arrays]; arrays are passed by reference."""
+    header: dict[str, Any] = {"v": SCHEMA_VERSION, "type": msg.type}
+    arrays: list[tuple[str, np.ndarray]] = []
+    if isinstance(msg, ScanStart):
+        header.update(
+            uid=msg.uid, instrument=msg.instrument,
+            channels=[{"name": c.name, "unit": c.unit, "dtype": c.dtype} for c in msg.channels],
+            rows=msg.rows, cols=msg.cols, size_nm=list(msg.size_nm),
+            scan_direction=msg.scan_direction, plan=msg.plan,
+            line_directions=list(msg.line_directions), line_time_s=msg.line_time_s,
+            bias_v=msg.bias_v, setpoint_a=msg.setpoint_a, t=msg.t, extra=msg.extra,
+        )
+    elif isinstance(msg, Line):
+        header.update(uid=msg.uid, seq=msg.seq, row=msg.row, direction=msg.direction, t=msg.t)
+        arrays = list(zip(msg.channels, msg.arrays))
+    elif isinstance(msg, ScanEnd):
+        header.update(uid=msg.uid, reason=msg.reason, t=msg.t)
+    elif isinstance(msg, Heartbeat):
+        header.update(source=msg.source, seq=msg.seq, t=msg.t)
+    elif isinstance(msg, Frame):
+        header.update(
+            uid=msg.uid, channel=msg.channel, unit=msg.unit, direction=msg.direction, kind=msg.kind,
+            rows_seen=msg.rows_seen, size_nm=list(msg.size_nm), method=msg.method,
+            latency_s=msg.latency_s, final=msg.final, t=msg.t,
+        )
+        arrays = [("image", msg.image), ("mask", msg.mask.view(np.uint8))]
+        if msg.uncertainty is not None:
+            arrays.append(("uncertainty", msg.uncertainty))
+    elif isinstance(msg, Status):
+        header.update(
+            source=msg.source, state=msg.state, engine=msg.engine, counters=msg.counters,
+            drops=msg.drops, latency_s=msg.latency_s, active_scans=list(msg.active_scans), t=msg.t,
+        )
+    elif isinstance(msg, Truth):
+        header.update(uid=msg.uid, t=msg.t)
+        arrays = list(zip(msg.channels, msg.arrays))
+    else:
+        raise TypeError(f"not a protocol message: {type(msg).__name__}")
+    contiguous = [np.ascontiguousarray(a) for _, a in arrays]
+    header["arrays"] = [_array_spec(name, a) for (name, _), a in zip(arrays, contiguous)]
+    return [msg.type.encode(), msgpack.packb(header, use_bin_type=True), *contiguous]
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError("bad_header", f"msgpack extension type {code} is not allowed")
+
+
+class _Fields:
+    """Typed access to a header map that records which keys were consumed."""
+
+    __slots__ = ("header", "used")
+
+    def __init__(self, header: dict[str, Any], used: Sequence[str] = ("v", "type", "arrays")) -> None:
+        self.header = header
+        self.used = set(used)
+
+    def get(self, key: str, kinds: type | tuple[type, ...], default: Any = ...) -> Any:
+        self.used.add(key)
+        if key not in self.header:
+            if default is ...:
+                raise ProtocolError("missing_field", f"{key!r} is required")
+            return default
+        value = self.header[key]
+        if type(value) is bool and kinds is not bool:
+            raise ProtocolError("bad_field", f"{key!r} must not be a boolean")
+        if not isinstance(value, kinds):
+            raise ProtocolError("bad_field", f"{key!r} has type {type(value).__name__}")
+        return value
+
+    def number(self, key: str, default: Any = ...) -> float:
+        value = self.get(key, (int, float), default)
+        if value is not None and not math.isfinite(value):
+            raise ProtocolError("bad_field", f"{key!r} is not finite")
+        return float(value) if value is not None else value
+
+    def count(self, key: str, low: int, high: int) -> int:
+        value = self.get(key, int)
+        if not low <= value <= high:
+            raise ProtocolError("out_of_range", f"{key!r}={value} outside [{low}, {high}]")
+        return value
+
+    def choice(self, key: str, options: Sequence[str]) -> str:
+        value = self.get(key, str)
+        if value not in options:
+            raise ProtocolError("bad_field", f"{key!r}={value[:32]!r} not one of {list(options)}")
+        return value
+
+    def pattern(self, key: str, regex: re.Pattern[str]) -> str:
+        value = self.get(key, str)
+        if not regex.match(value):
+            raise ProtocolError("bad_field", f"{key!r}={value[:32]!r} has characters or a length not allowed")
+        return value
+
+    def size_nm(self) -> tuple[float, float]:
+        size = self.get("size_nm", list)
+        if len(size) != 2 or not all(isinstance(s, (int, float)) and not isinstance(s, bool)
+                                     and math.isfinite(s) and s > 0 for s in size):
+            raise ProtocolError("bad_field", "'size_nm' must be two positive numbers")
+        return float(size[0]), float(size[1])
+
+    def finish(self) -> None:
+        unknown = set(self.header) - self.used
+        if unknown:
+            raise ProtocolError("unknown_field", f"unknown fields {sorted(map(str, unknown))[:5]}")
+
+
+class Decoder:
+    """Strict, bounded decoding of received multipart frames into messages."""
+
+    def __init__(self, limits: Limits = Limits()) -> None:
+        self.limits = limits
+        self._dtypes = {s: np.dtype(s) for s in ARRAY_DTYPES}
+
+    def decode(self, frames: Sequence[Any]) -> Message:
+        """Decode frames (bytes, memoryviews or zmq.Frame); raise ProtocolError."""
+        if len(frames) < 2:
+            raise ProtocolError("bad_envelope", f"{len(frames)} frame(s); need topic and header")
+        topic = bytes(_buffer(frames[0]))
+        try:
+            kind = topic.decode("ascii")
+        except UnicodeDecodeError:
+            raise ProtocolError("bad_topic", "topic is not ASCII") from None
+        if kind not in TYPES:
+            raise ProtocolError("bad_topic", f"unknown topic {topic[:32]!r}")
+        raw_header = _buffer(frames[1])
+        if len(raw_header) > self.limits.max_header_bytes:
+            raise ProtocolError("oversized", f"header of {len(raw_header)} bytes")
+        try:
+            header = msgpack.unpackb(
+                raw_header, raw=False, strict_map_key=True, ext_hook=_no_ext,
+                max_str_len=self.limits.max_header_bytes, max_bin_len=0,
+                max_array_len=4096, max_map_len=4096,
+            )
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise ProtocolError("bad_header", f"not msgpack: {type(exc).__name__}: {exc}"[:200]) from None
+        if not isinstance(header, dict):
+            raise ProtocolError("bad_header", "header is not a map")
+        version = header.get("v")
+        if version != SCHEMA_VERSION or isinstance(version, bool):
+            raise ProtocolError("schema_version", f"schema version {version!r}, this daemon speaks {SCHEMA_VERSION}")
+        if header.get("type") != kind:
+            raise ProtocolError("bad_header", f"header type {header.get('type')!r} != topic {kind!r}")
+        names, arrays = self._arrays(header, frames[2:])
+        f = _Fields(header)
+        msg = getattr(self, f"_{kind}")(f, names, arrays)
+        f.finish()
+        return msg
+
+    def _arrays(self, header: dict[str, Any], frames: Sequence[Any]) -> tuple[list[str], list[np.ndarray]]:
+        specs = header.get("arrays", [])
+        if type(specs) is not list:
+            raise ProtocolError("bad_header", "'arrays' is not a list")
+        if len(specs) != len(frames):
+            raise ProtocolError("array_mismatch", f"header lists {len(specs)} arrays, message has {len(frames)}")
+        if len(specs) > self.limits.max_channels + 2:
+            raise ProtocolError("oversized", f"{len(specs)} arrays")
+        names: list[str] = []
+        arrays: list[np.ndarray] = []
+        max_rows, max_cols = self.limits.max_rows, self.limits.max_cols
+        for spec, frame in zip(specs, frames):
+            if type(spec) is not dict or len(spec) != 3:
+                raise ProtocolError("bad_header", "array spec must be {name, dtype, shape}")
+            try:
+                name, typestr, shape = spec["name"], spec["dtype"], spec["shape"]
+            except KeyError:
+                raise ProtocolError("bad_header", "array spec must be {name, dtype, shape}") from None
+            if type(name) is not str or not _NAME.match(name):
+                raise ProtocolError("bad_field", "array name missing or not allowed")
+            dtype = self._dtypes.get(typestr) if type(typestr) is str else None
+            if dtype is None:
+                raise ProtocolError("bad_dtype", f"dtype {typestr!r} not allowed")
+            if type(shape) is not list or not 1 <= len(shape) <= 2 or any(type(n) is not int for n in shape):
+                raise ProtocolError("bad_shape", f"shape {shape!r} is not 1-D or 2-D")
+            if not 0 < shape[-1] <= max_cols or (len(shape) == 2 and not 0 < shape[0] <= max_rows):
+                raise ProtocolError("oversized", f"shape {shape} beyond limits")
+            buf = _buffer(frame)
+            if len(buf) != math.prod(shape) * dtype.itemsize:
+                raise ProtocolError("array_mismatch", f"{name!r}: {len(buf)} bytes for shape {shape} {typestr}")
+            names.append(name)
+            arrays.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
+        return names, arrays
+
+    def _scan_start(self, f: _Fields, names: list[str], arrays: list[np.ndarray]) -> ScanStart:
+        _no_arrays(arrays)
+        lim = self.limits
+        raw_channels = f.get("channels", list)
+        if not 1 <= len(raw_channels) <= lim.max_channels:
+            raise ProtocolError("out_of_range", f"{len(raw_channels)} channels")
+        channels = []
+        for c in raw_channels:
+            if not isinstance(c, dict):
+                raise ProtocolError("bad_field", "channel entry is not a map")
+            cf = _Fields(c, used=())
+            channels.append(ChannelInfo(cf.pattern("name", _NAME), cf.get("unit", str)[:16],
+                                        cf.choice("dtype", tuple(CHANNEL_DTYPES))))
+            cf.finish()
+        if len({c.name for c in channels}) != len(channels):
+            raise ProtocolError("bad_field", "duplicate channel names")
+        directions = f.get("line_directions", list)
+        if not directions or len(set(directions)) != len(directions) or not set(directions) <= set(LINE_DIRECTIONS):
+            raise ProtocolError("bad_field", f"'line_directions' {directions!r}")
+        extra = f.get("extra", dict, {})
+        if len(extra) > _MAX_EXTRA_KEYS:
+            raise ProtocolError("oversized", f"{len(extra)} extra keys")
+        return ScanStart(
+            uid=f.pattern("uid", _UID), instrument=f.pattern("instrument", _NAME),
+            channels=tuple(channels), rows=f.count("rows", 1, lim.max_rows),
+            cols=f.count("cols", 1, lim.max_cols), size_nm=f.size_nm(),
+            scan_direction=f.choice("scan_direction", SCAN_DIRECTIONS), plan=f.get("plan", str)[:64],
+            line_directions=tuple(directions), line_time_s=f.number("line_time_s"),
+            bias_v=f.number("bias_v"), setpoint_a=f.number("setpoint_a"), t=f.number("t"), extra=extra,
+        )
+
+    def _line(self, f: _Fields, names: list[str], arrays: list[np.ndarray]) -> Line:
+        if not arrays:
+            raise ProtocolError("array_mismatch", "a line carries at least one channel")
+        for a in arrays:
+            if a.ndim != 1:
+                raise ProtocolError("bad_shape", "line arrays must be 1-D")
+        if len(set(names)) != len(names):
+            raise ProtocolError("bad_field", "duplicate channel in line")
+        return Line(
+            uid=f.pattern("uid", _UID), seq=f.count("seq", 0, 2**63 - 1),
+            row=f.count("row", 0, self.limits.max_rows - 1),
+            direction=f.choice("direction", LINE_DIRECTIONS), t=f.number("t"),
+            channels=tuple(names), arrays=tuple(arrays),
+        )
+
+    def _scan_end(self, f: _Fields, names: list[str], arrays: list[np.ndarray]) -> ScanEnd:
+        _no_arrays(arrays)
+        return ScanEnd(uid=f.pattern("uid", _UID), reason=f.choice("reason", END_REASONS), t=f.number("t"))
+
+    def _heartbeat(self, f: _Fields, names: list[str], arrays: list[np.ndarray]) -> Heartbeat:
+        _no_arrays(arrays)
+        return Heartbeat(source=f.pattern("source", _NAME), seq=f.count("seq", 0, 2**63 - 1), t=f.number("t"))
+
+    def _frame(self, f: _Fields, names: list[str], arrays: list[np.ndarray]) -> Frame:
+        if names[:2] != ["image", "mask"] or names[2:] not in ([], ["uncertainty"]):
+            raise ProtocolError("array_mismatch", f"frame arrays {names}")
+        if any(a.ndim != 2 or a.shape != arrays[0].shape for a in arrays) or arrays[1].dtype != np.uint8:
+            raise ProtocolError("bad_shape", "frame arrays must share one 2-D shape; mask is u1")
+        return Frame(
+            uid=f.pattern("uid", _UID), channel=f.pattern("channel", _NAME), unit=f.get("unit", str),
+            direction=f.choice("direction", LINE_DIRECTIONS), kind=f.choice("kind", FRAME_KINDS),
+            rows_seen=f.count("rows_seen", 0, self.limits.max_rows),
+            size_nm=f.size_nm(),
+            method=f.get("method", str), latency_s=f.number("latency_s"), final=f.get("final", bool),
+            t=f.number("t"), image=arrays[0], mask=arrays[1].view(bool),
+            uncertainty=arrays[2] if len(arrays) == 3 else None,
+        )
+
+    def _status(self, f: _Fields, names: list[str], arrays: list[np.ndarray]) -> Status:
+        _no_arrays(arrays)
+        return Status(
+            source=f.pattern("source", _NAME), state=f.choice("state", DAEMON_STATES),
+            engine=f.get("engine", str), counters=f.get("counters", dict), drops=f.get("drops", dict),
+            latency_s=f.get("latency_s", dict), active_scans=tuple(f.get("active_scans", list)),
+            t=f.number("t"),
+        )
+
+    def _truth(self, f: _Fields, names: list[str], arrays: list[np.ndarray]) -> Truth:
+        if not arrays or any(a.ndim != 2 for a in arrays):
+            raise ProtocolError("bad_shape", "truth arrays must be 2-D")
+        return Truth(uid=f.pattern("uid", _UID), channels=tuple(names), arrays=tuple(arrays), t=f.number("t"))
+
+
+def _no_arrays(arrays: list[np.ndarray]) -> None:
+    if arrays:
+        raise ProtocolError("array_mismatch", "this message type carries no arrays")
+
+
+def _buffer(frame: Any) -> memoryview | bytes:
+    """The payload of a zmq.Frame, bytes or memoryview, without copying."""
+    if type(frame) is bytes or type(frame) is memoryview:
+        return frame
+    buffer = getattr(frame, "buffer", None)
+    return buffer if buffer is not None else memoryview(frame)

@@ -1,0 +1,145 @@
+"""Reconstruction scheduling: snapshot frames, reconstruct off the ingest thread, emit Frame messages.
+
+Ingest must never wait for reconstruction. The scheduler keeps at most one pending job per
+(scan, channel, direction): a newer progressive snapshot replaces an older one that has not
+started yet (the newer one has every line the older had), and a final snapshot is never
+replaced. A single worker thread takes everything pending, groups equal shapes into one batch
+per engine call, and hands each result to a sink as a `Frame` message (raw and reconstructed).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from stm_live.assembly import DirectionFrames, ScanState
+from stm_live.engines import Reconstructor, reconstruct_exact
+from stm_live.metrics import LatencyWindow
+from stm_live.protocol import Frame
+
+log = logging.getLogger(__name__)
+
+JobKey = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class FrameJob:
+    uid: str
+    channel: str
+    unit: str
+    direction: str
+    size_nm: tuple[float, float]
+    rows_seen: int
+    final: bool
+    triggered: float
+    image: np.ndarray
+    mask: np.ndarray
+
+    @property
+    def key(self) -> JobKey:
+        return self.uid, self.channel, self.direction
+
+
+class ReconstructionScheduler:
+    """Pending jobs plus the worker thread that runs them."""
+
+    def __init__(self, engine: Reconstructor | None, sink: Callable[[Frame], None]) -> None:
+        self.engine = engine
+        self.sink = sink
+        self.latency = LatencyWindow()
+        self.counters = {"frames_published": 0, "jobs_superseded": 0, "engine_errors": 0}
+        self._pending: OrderedDict[JobKey, FrameJob] = OrderedDict()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="stm-live-reconstruct", daemon=True)
+
+    @property
+    def method(self) -> str:
+        return self.engine.name if self.engine else "none"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit_scan(self, state: ScanState, direction: str, frames: DirectionFrames, final: bool) -> None:
+        """Snapshot every channel of one direction of a scan and queue it."""
+        frames.lines_since_publish = 0
+        mask = frames.measured.copy()
+        rows_seen = int(frames.rows_seen.sum())
+        jobs = [
+            FrameJob(state.uid, info.name, info.unit, direction, state.start.size_nm, rows_seen, final,
+                     frames.last_line_time, image.copy(), mask)
+            for info, image in zip(state.start.channels, frames.images)
+        ]
+        with self._cond:
+            for job in jobs:
+                old = self._pending.get(job.key)
+                if old is not None and old.final:
+                    log.error("scan %s sent lines after its end; keeping the final snapshot", job.uid)
+                    continue
+                if old is not None:
+                    self.counters["jobs_superseded"] += 1
+                self._pending[job.key] = job
+            self._cond.notify()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish every pending job, then stop the worker."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("reconstruction worker still busy after %.0f s at shutdown", timeout)
+
+    def _take(self) -> list[FrameJob]:
+        with self._cond:
+            while not self._pending and not self._closing:
+                self._cond.wait()
+            jobs = list(self._pending.values())
+            self._pending.clear()
+            return jobs
+
+    def _run(self) -> None:
+        while True:
+            jobs = self._take()
+            if not jobs:
+                return
+            groups: dict[tuple, list[FrameJob]] = {}
+            for job in jobs:
+                groups.setdefault((job.image.shape, job.image.dtype.str), []).append(job)
+            for group in groups.values():
+                self._process(group)
+
+    def _process(self, jobs: list[FrameJob]) -> None:
+        images = uncertainties = None
+        if self.engine is not None:
+            try:
+                result = reconstruct_exact(
+                    self.engine, np.stack([j.image for j in jobs]), np.stack([j.mask for j in jobs])
+                )
+                images, uncertainties = result.images, result.uncertainty
+            except Exception:
+                self.counters["engine_errors"] += 1
+                log.exception("engine %s failed on %d frame(s); publishing raw frames only", self.method, len(jobs))
+        for i, job in enumerate(jobs):
+            self._emit(job, "raw", "measured", job.image, None)
+            if images is not None:
+                self._emit(job, "reconstructed", self.method, images[i],
+                           None if uncertainties is None else uncertainties[i])
+
+    def _emit(self, job: FrameJob, kind: str, method: str, image: np.ndarray,
+              uncertainty: np.ndarray | None) -> None:
+        latency = time.perf_counter() - job.triggered
+        if kind == "reconstructed":
+            self.latency.add(latency)
+        self.sink(Frame(
+            uid=job.uid, channel=job.channel, unit=job.unit, direction=job.direction, kind=kind,
+            rows_seen=job.rows_seen, size_nm=job.size_nm, method=method, latency_s=latency,
+            final=job.final, t=time.time(), image=image, mask=job.mask, uncertainty=uncertainty,
+        ))
+        self.counters["frames_published"] += 1

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+from stm_live.engines import create_engine, reconstruct_exact
+from stm_live.engines.base import EngineError, Reconstruction, Reconstructor
+from stm_live.metrics import quality
+from stm_live.plans import parse_plan
+from stm_live.sim.instrument import simulate_scan
+from stm_live.sim.surface import SurfaceParams
+
+
+@pytest.fixture(scope="module")
+def surface():
+    scan = simulate_scan(SurfaceParams(size_px=128, frame_nm=8.0), noise_pm=1.0, rng=np.random.default_rng(3))
+    return scan.forward[0]
+
+
+@pytest.mark.parametrize("plan", ["full", "lines:2", "lines:4", "lines:8", "sr:2", "sr:4", "pixels:0.3", "partial:40"])
+def test_measured_pixels_are_returned_exactly(surface, plan):
+    mask = parse_plan(plan).mask(*surface.shape)
+    measured = np.where(mask, surface, np.nan).astype(np.float32)
+    out = reconstruct_exact(create_engine("classical"), measured[None], mask[None]).images[0]
+    assert out.dtype == np.float32
+    assert np.array_equal(out[mask], surface[mask])
+
+
+@pytest.mark.parametrize("plan, min_psnr", [("lines:2", 30.0), ("lines:4", 22.0), ("sr:2", 25.0), ("pixels:0.5", 25.0)])
+def test_reconstruction_is_close_to_the_full_scan(surface, plan, min_psnr):
+    mask = parse_plan(plan).mask(*surface.shape)
+    out = reconstruct_exact(create_engine("classical"), np.where(mask, surface, 0)[None], mask[None]).images[0]
+    assert quality(surface.astype(float), out.astype(float)).psnr > min_psnr
+
+
+def test_more_lines_reconstruct_better(surface):
+    psnr = []
+    for k in (2, 4, 8):
+        mask = parse_plan(f"lines:{k}").mask(*surface.shape)
+        out = reconstruct_exact(create_engine("classical"), surface[None], mask[None]).images[0]
+        psnr.append(quality(surface.astype(float), out.astype(float)).psnr)
+    assert psnr[0] > psnr[1] > psnr[2]
+
+
+def test_unscanned_region_is_not_invented(surface):
+    mask = parse_plan("lines:4").mask(*surface.shape)
+    mask[41:] = False
+    out = reconstruct_exact(create_engine("classical"), surface[None], mask[None]).images[0]
+    assert np.isfinite(out[:45]).all()
+    assert np.isnan(out[45:]).all()
+
+
+def test_lost_lines_are_bridged(surface):
+    mask = parse_plan("lines:4").mask(*surface.shape)
+    mask[[20, 24, 60]] = False
+    out = reconstruct_exact(create_engine("classical"), surface[None], mask[None]).images[0]
+    assert np.isfinite(out).all()
+
+
+def test_engine_cannot_alter_measurements_or_shape():
+    class Liar(Reconstructor):
+        name = "liar"
+
+        def reconstruct(self, measured, mask):
+            return Reconstruction(np.zeros_like(measured) + 42.0)
+
+    class Wrong(Reconstructor):
+        name = "wrong"
+
+        def reconstruct(self, measured, mask):
+            return Reconstruction(np.zeros((1, 2, 2)))
+
+    img = np.arange(16, dtype=np.float32).reshape(1, 4, 4)
+    mask = np.zeros((1, 4, 4), bool)
+    mask[0, ::2] = True
+    out = reconstruct_exact(Liar(), img, mask).images
+    assert np.array_equal(out[mask], img[mask]) and (out[~mask] == 42).all()
+    with pytest.raises(EngineError):
+        reconstruct_exact(Wrong(), img, mask)
+
+
+def test_unknown_engine_names_the_choices():
+    with pytest.raises(EngineError, match="classical"):
+        create_engine("magic")
+    assert create_engine("none") is None

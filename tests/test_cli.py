@@ -1,0 +1,57 @@
+"""The user-facing commands, run as a user runs them."""
+
+import json
+import subprocess
+import sys
+
+from stm_live.bench import bench_ingest
+from stm_live.config import Settings
+from stm_live.demo import free_tcp_endpoint
+
+
+def stm_live(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "stm_live", "--log-level", "WARNING", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_sim_and_tap_show_the_wire():
+    endpoint = free_tcp_endpoint()
+    tap = subprocess.Popen([sys.executable, "-m", "stm_live", "tap", "--connect", endpoint, "--count", "8",
+                            "--timeout", "60"], stdout=subprocess.PIPE, text=True)
+    sim = stm_live("sim", "--bind", endpoint, "--frames", "1", "--size", "32", "--plan", "lines:8",
+                   "--line-rate", "200")
+    out, _ = tap.communicate(timeout=60)
+    assert sim.returncode == 0, sim.stderr
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["type"] for r in rows[:3]] == ["truth", "scan_start", "heartbeat"]
+    assert rows[1]["plan"] == "lines:8" and rows[1]["channels"][0] == {"name": "Z", "unit": "m", "dtype": "float32"}
+    line = rows[3]
+    assert line["type"] == "line" and line["row"] == 0 and line["shapes"] == [[32], [32]]
+    assert "arrays" not in line
+
+
+def test_demo_reports_quality_and_latency(tmp_path):
+    out_json = tmp_path / "demo.json"
+    result = stm_live("demo", "--frames", "2", "--size", "128", "--line-rate", "1000", "--record", str(tmp_path / "rec"),
+                      "--json", str(out_json))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(out_json.read_text())
+    assert summary["frames_scored"] == 2 and summary["dropped"] == 0
+    assert summary["lines_received"] == 2 * 32 * 2
+    assert summary["psnr_db_mean"] > 15 and 0 < summary["ssim_mean"] <= 1
+    assert summary["latency_ms"]["p50"] > 0
+    assert "PSNR" in result.stdout and "lines/s" in result.stdout
+    assert len(list((tmp_path / "rec").glob("*.journal"))) == 2
+
+
+def test_bench_ingest_counts_every_line():
+    result = bench_ingest(Settings(), lines=4000, cols=128, channels=2)
+    assert result["dropped"] == 0 and result["lines_received"] == 4000
+    assert result["lines_per_s"] > 0 and result["machine"]["cores"] >= 1
+
+
+def test_config_errors_are_reported_not_raised(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[daemon]\nengine = 3\n")
+    result = stm_live("--config", str(bad), "config")
+    assert result.returncode == 2 and "daemon.engine" in result.stderr

@@ -1,0 +1,124 @@
+"""The daemon over real ZeroMQ sockets on loopback, with real recordings on disk."""
+
+import threading
+
+import h5py
+import msgpack
+import numpy as np
+import zmq
+
+from stm_live.protocol import Decoder, Frame, Line, Truth
+from stm_live.recorder import read_journal
+from stm_live.sim.instrument import SimInstrument
+
+from conftest import CHANNELS, Harness, make_frame, scan_start, wait_for
+
+
+def test_sim_to_daemon_to_subscriber(settings):
+    settings.daemon.reconstruct_every_lines = 4
+    context = zmq.Context()
+    harness = Harness(settings, context, with_publisher=False)
+    sim = SimInstrument(settings.daemon.input, size=64, plan="lines:4", line_rate_hz=400, seed=5, context=context)
+    truth_sock = context.socket(zmq.SUB)
+    truth_sock.setsockopt(zmq.SUBSCRIBE, b"truth")
+    truth_sock.connect(settings.daemon.input)
+    try:
+        harness.start()
+        runner = threading.Thread(target=sim.run, args=(2, 10.0))
+        runner.start()
+        finals = lambda ms: [m for m in ms if isinstance(m, Frame) and m.final]
+        harness.listener.until(lambda ms: len(finals(ms)) == 2 * 2 * 2 * 2, timeout=60, what="final frames")
+        runner.join(30)
+        truths = {}
+        while truth_sock.poll(100):
+            t = Decoder().decode(truth_sock.recv_multipart())
+            assert isinstance(t, Truth)
+            truths[t.uid] = dict(zip(t.channels, t.arrays))
+        assert sorted(truths) == ["sim-5-0000", "sim-5-0001"]
+        measured_rows = np.arange(0, 64, 4)
+        for frame in finals(harness.listener.messages):
+            assert frame.image.shape == (64, 64) and frame.rows_seen == 16
+            assert frame.mask[measured_rows].all() and not frame.mask[1::4].any()
+            if frame.direction == "forward":
+                sent = truths[frame.uid][frame.channel]
+                assert np.array_equal(frame.image[measured_rows], sent[measured_rows])
+            if frame.kind == "reconstructed":
+                assert frame.method == "classical" and np.isfinite(frame.image).all()
+            else:
+                assert frame.method == "measured" and np.isnan(frame.image[1::4]).all()
+        progressive = [f for f in harness.listener.frames(kind="reconstructed") if not f.final]
+        assert progressive and min(f.rows_seen for f in progressive) < 16
+        status = harness.status_after(lambda s: s.counters["scans_completed"] == 2)
+        assert status.counters["lines"] == 2 * 16 * 2 and status.counters["dropped"] == 0
+        assert status.latency_s["p50"] > 0
+    finally:
+        truth_sock.close(0)
+        sim.close()
+        harness.stop()
+        context.term()
+
+
+def test_bad_input_is_dropped_counted_and_the_rest_recorded(harness, settings):
+    pub = harness.publisher
+    raw = pub.socket
+    frame = make_frame(16, 8)
+    pub.scan_start(scan_start("good", rows=16, cols=8))
+    valid_rows = []
+    junk = [
+        [b"line", b"\x00\x01garbage"],
+        [b"line", msgpack.packb({"v": 99, "type": "line"})],
+        [b"line", msgpack.packb(["not", "a", "map"])],
+        [b"line", msgpack.packb({"v": 1, "type": "line", "uid": "good", "seq": 1, "row": 1, "direction": "forward",
+                                 "t": 0.0, "arrays": [{"name": "Z", "dtype": "<f4", "shape": [10**6]}]}), b"xx"],
+        [b"line", msgpack.packb({"v": 1, "type": "line", "uid": "good", "seq": 1, "row": 1, "direction": "forward",
+                                 "t": 0.0, "arrays": [{"name": "Z", "dtype": "<f4", "shape": [8]}]}), b"xx"],
+        [b"scan_end", msgpack.packb({"v": 1, "type": "scan_end", "uid": "ghost", "reason": "complete", "t": 0.0})],
+    ]
+    for row in range(16):
+        if row in (3, 4):
+            for j in junk:
+                raw.send_multipart(j)
+            continue
+        pub.line("good", row, "forward", CHANNELS, [frame[row], frame[row] * 2])
+        valid_rows.append(row)
+    pub.line("good", 2, "forward", CHANNELS, [frame[2], frame[2]])
+    pub.line("good", 99, "forward", CHANNELS, [frame[0], frame[0]])
+    pub.line("good", 5, "forward", CHANNELS, [frame[5][:3], frame[5][:3]])
+    pub.line("orphan", 0, "forward", CHANNELS, [frame[0], frame[0]])
+    pub.scan_start(scan_start("other", rows=4, cols=8))
+    for row in range(4):
+        pub.line("other", row, "forward", CHANNELS, [frame[row], frame[row]])
+    pub.scan_end("other")
+    pub.scan_end("good")
+    status = harness.status_after(lambda s: s.counters["scans_completed"] == 2)
+    drops = status.drops
+    assert drops == {"bad_header": 4, "schema_version": 2, "oversized": 2, "array_mismatch": 2,
+                     "unknown_scan": 3, "duplicate_line": 1, "bad_row": 1, "bad_length": 1}
+    assert status.counters["lines"] == len(valid_rows) + 4
+    final = [f for f in harness.listener.frames(uid="good", kind="raw", channel="Z") if f.final][-1]
+    assert final.rows_seen == 14 and not final.mask[[3, 4]].any()
+    assert np.array_equal(final.image[valid_rows], frame[valid_rows])
+    journal = [e.message for e in read_journal(harness.daemon.recorder.journal_path("good"))]
+    recorded = [m for m in journal if isinstance(m, Line)]
+    assert [m.row for m in recorded[:len(valid_rows)]] == valid_rows
+    for m in recorded[:len(valid_rows)]:
+        assert np.array_equal(m.arrays[0], frame[m.row])
+    assert [m.type for m in journal][0] == "scan_start" and journal[-1].type == "scan_end"
+    assert [e.message.row for e in read_journal(harness.daemon.recorder.journal_path("orphan"))] == [0]
+
+
+def test_scan_end_writes_hdf5_from_the_journal(harness, settings):
+    frame = make_frame(8, 8)
+    harness.publisher.scan_start(scan_start("h5scan", rows=8, cols=8, plan="lines:2"))
+    for row in range(0, 8, 2):
+        harness.publisher.line("h5scan", row, "forward", CHANNELS, [frame[row], frame[row] + 1])
+    harness.publisher.scan_end("h5scan")
+    path = harness.daemon.recorder.directory / "h5scan.h5"
+    wait_for(path.exists, 30, "HDF5 export")
+    with h5py.File(path) as h5:
+        assert h5.attrs["end_reason"] == "complete" and h5.attrs["plan"] == "lines:2"
+        z = h5["forward/Z"][()]
+        assert np.array_equal(z[::2], frame[::2]) and np.isnan(z[1::2]).all()
+        assert h5["forward/Z"].attrs["unit"] == "m"
+        assert h5["forward/measured"][()].sum() == 32
+        assert h5["lines"]["row"].tolist() == [0, 2, 4, 6]
