@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import zmq
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -160,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"stm-live: configuration error: {exc}", file=sys.stderr)
         return 2
+    except zmq.ZMQError as exc:
+        print(f"stm-live: cannot use endpoint: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from stm_live.plans import parse_plan
 
@@ -23,6 +23,14 @@ ENV_CONFIG_FILE = "STM_LIVE_CONFIG"
 
 class ConfigError(ValueError):
     """A setting is unknown, of the wrong type or out of range."""
+
+
+def _valid_plan(value: str) -> str:
+    parse_plan(value)
+    return value
+
+
+PlanText = Annotated[str, AfterValidator(_valid_plan)]
 
 
 class _Section(BaseModel):
@@ -59,7 +67,7 @@ class SimSettings(_Section):
     bind: str = "tcp://127.0.0.1:5550"
     frames: int = Field(3, ge=1)
     size: int = Field(256, ge=8, le=8192)
-    plan: str = "lines:4"
+    plan: PlanText = "lines:4"
     line_rate_hz: float = Field(200.0, gt=0)
     seed: int = 0
     frame_nm: float = Field(10.0, gt=0, description="physical frame edge length")
@@ -68,25 +76,13 @@ class SimSettings(_Section):
     wait_subscriber_s: float = Field(10.0, ge=0, description="wait this long for subscribers before scanning")
     wait_topics: list[str] = Field(["line"], description="topics that must have a subscriber before scanning")
 
-    @field_validator("plan")
-    @classmethod
-    def _plan_parses(cls, value: str) -> str:
-        parse_plan(value)
-        return value
-
 
 class DemoSettings(_Section):
     frames: int = Field(3, ge=1)
     size: int = Field(256, ge=16, le=2048)
-    plan: str = "lines:4"
+    plan: PlanText = "lines:4"
     line_rate_hz: float = Field(2000.0, gt=0)
     seed: int = 1
-
-    @field_validator("plan")
-    @classmethod
-    def _plan_parses(cls, value: str) -> str:
-        parse_plan(value)
-        return value
 
 
 class Settings(_Section):

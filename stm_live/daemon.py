@@ -259,8 +259,10 @@ class Daemon:
         latency = {k: v for k, v in self.scheduler.latency.summary().items() if k != "n"}
         if self.record_error:
             counters["record_error_active"] = 1
+        now = time.time()
+        heartbeat_age = {source: round(now - seen, 3) for source, seen in self.instrument_seen.items()}
         return Status(SOURCE, self.state, self.scheduler.method, counters, dict(self.drops.counts),
-                      latency, tuple(self.assembler.scans), time.time())
+                      latency, tuple(self.assembler.scans), heartbeat_age, now)
 
     def _publish_status(self, pub: zmq.Socket) -> None:
         self._publish(pub, self.status())

@@ -139,6 +139,7 @@ class Status:
     drops: dict[str, int]
     latency_s: dict[str, float]
     active_scans: tuple[str, ...]
+    instruments: dict[str, float]
     t: float
     type = "status"
 
@@ -195,7 +196,8 @@ def encode(msg: Message) -> list[Any]:
     elif isinstance(msg, Status):
         header.update(
             source=msg.source, state=msg.state, engine=msg.engine, counters=msg.counters,
-            drops=msg.drops, latency_s=msg.latency_s, active_scans=list(msg.active_scans), t=msg.t,
+            drops=msg.drops, latency_s=msg.latency_s, active_scans=list(msg.active_scans),
+            instruments=msg.instruments, t=msg.t,
         )
     elif isinstance(msg, Truth):
         header.update(uid=msg.uid, t=msg.t)
@@ -423,7 +425,7 @@ class Decoder:
             source=f.pattern("source", _NAME), state=f.choice("state", DAEMON_STATES),
             engine=f.get("engine", str), counters=f.get("counters", dict), drops=f.get("drops", dict),
             latency_s=f.get("latency_s", dict), active_scans=tuple(f.get("active_scans", list)),
-            t=f.number("t"),
+            instruments=f.get("instruments", dict), t=f.number("t"),
         )
 
     def _truth(self, f: _Fields, names: list[str], arrays: list[np.ndarray]) -> Truth:

@@ -92,6 +92,8 @@ class ReconstructionScheduler:
         with self._cond:
             self._closing = True
             self._cond.notify()
+        if self._thread.ident is None:
+            return
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("reconstruction worker still busy after %.0f s at shutdown", timeout)

@@ -55,3 +55,17 @@ def test_config_errors_are_reported_not_raised(tmp_path):
     bad.write_text("[daemon]\nengine = 3\n")
     result = stm_live("--config", str(bad), "config")
     assert result.returncode == 2 and "daemon.engine" in result.stderr
+
+
+def test_busy_endpoint_is_a_clear_error():
+    import zmq
+    endpoint = free_tcp_endpoint()
+    context = zmq.Context()
+    holder = context.socket(zmq.PUB)
+    holder.bind(endpoint)
+    try:
+        result = stm_live("run", "--input", free_tcp_endpoint(), "--output", endpoint, "--record", "")
+    finally:
+        holder.close(0)
+        context.term()
+    assert result.returncode == 3 and "Address already in use" in result.stderr

@@ -51,6 +51,7 @@ def test_sim_to_daemon_to_subscriber(settings):
         status = harness.status_after(lambda s: s.counters["scans_completed"] == 2)
         assert status.counters["lines"] == 2 * 16 * 2 and status.counters["dropped"] == 0
         assert status.latency_s["p50"] > 0
+        assert 0 <= status.instruments["stm-live-sim"] < 60
     finally:
         truth_sock.close(0)
         sim.close()

@@ -51,7 +51,8 @@ def test_every_type_round_trips():
         Heartbeat("sim", 7, 2.0),
         Frame("scan-1", "Z", "m", "forward", "reconstructed", 3, (5.0, 5.0), "classical", 0.01, True, 3.0,
               img, img > 0, img.astype(np.float32)),
-        Status("stm-live", "idle", "classical", {"lines": 3}, {"bad_header": 1}, {"p50": 0.01}, ("a",), 4.0),
+        Status("stm-live", "idle", "classical", {"lines": 3}, {"bad_header": 1}, {"p50": 0.01}, ("a",),
+               {"sim": 0.5}, 4.0),
         Truth("scan-1", ("Z",), (img,), 5.0),
     ]
     for msg in msgs:
