@@ -41,16 +41,41 @@ def cmd_sim(args: argparse.Namespace) -> int:
     s = _settings(args, {"sim": {
         "bind": args.bind, "frames": args.frames, "size": args.size, "plan": args.plan,
         "line_rate_hz": args.line_rate, "seed": args.seed, "wait_topics": args.wait_topic,
+        "surface": args.surface, "tip": args.tip, "frame_nm": args.frame_nm,
     }}).sim
     stopping = []
     _stop_on_signals(lambda: stopping.append(True))
     instrument = SimInstrument(s.bind, size=s.size, plan=s.plan, line_rate_hz=s.line_rate_hz, seed=s.seed,
-                               frame_nm=s.frame_nm, lattice_nm=s.lattice_nm, noise_pm=s.noise_pm)
+                               surface=s.surface, tip=s.tip, frame_nm=s.frame_nm, artefacts=s.artefacts)
     try:
         sent = instrument.run(s.frames, s.wait_subscriber_s, lambda: bool(stopping), s.wait_topics)
     finally:
         instrument.close()
     logging.getLogger("stm_live.sim").info("sent %d lines", sent)
+    return 0
+
+
+def cmd_sim_dataset(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from stm_live.sim.dataset import generate
+
+    with tqdm(total=args.n, unit="frame", desc="simulating") as bar:
+        result = generate(args.out, args.n, seed=args.seed, size_px=args.size, shard_size=args.shard_size,
+                          workers=args.workers, surface=args.surface, scenario=args.tip, progress=bar.update)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_sim_compare(args: argparse.Namespace) -> int:
+    from stm_live.sim.compare import compare_real
+
+    result = compare_real(args.real, args.out)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(text + "\n")
     return 0
 
 
@@ -116,8 +141,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", help="sampling plan, e.g. full, lines:4, pixels:0.25, sr:4, partial:64")
     p.add_argument("--line-rate", type=float, help="rows per second")
     p.add_argument("--seed", type=int)
+    p.add_argument("--surface", help="si111_7x7, si001_h, au111, graphite, graphene, cu111, ag111, "
+                                     "molecular_layer, supramolecules")
+    p.add_argument("--tip", help="tip scenario: good, blunt, multi, unstable, change")
+    p.add_argument("--frame-nm", type=float, help="frame edge in nm (0: typical for the surface)")
     p.add_argument("--wait-topic", action="append", help="start scanning once these topics have subscribers")
     p.set_defaults(func=cmd_sim)
+    tasks = p.add_subparsers(dest="sim_command")
+    d = tasks.add_parser("dataset", help="write training shards of simulated frames")
+    d.add_argument("--out", required=True)
+    d.add_argument("--n", type=int, required=True, help="number of frames")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--size", type=int, default=256)
+    d.add_argument("--shard-size", type=int, default=64)
+    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--surface", help="only this surface (default: all)")
+    d.add_argument("--tip", help="only this tip scenario (default: a mix)")
+    d.set_defaults(func=cmd_sim_dataset)
+    c = tasks.add_parser("compare-real", help="figures and spectra: simulator next to the real scans")
+    c.add_argument("--out", default="docs/img")
+    c.add_argument("--real", default="../shared/data/real")
+    c.add_argument("--json", help="also write the measured comparison here")
+    c.set_defaults(func=cmd_sim_compare)
 
     p = sub.add_parser("tap", help="print one JSON line per message on an endpoint")
     p.add_argument("--connect", required=True)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stm_live.plans import parse_plan
 
@@ -70,11 +70,31 @@ class SimSettings(_Section):
     plan: PlanText = "lines:4"
     line_rate_hz: float = Field(200.0, gt=0)
     seed: int = 0
-    frame_nm: float = Field(10.0, gt=0, description="physical frame edge length")
-    lattice_nm: float = Field(0.77, gt=0, description="lattice constant of the simple hexagonal surface")
-    noise_pm: float = Field(3.0, ge=0, description="white height noise, picometres RMS")
+    surface: str = Field("si111_7x7", description="one of the simulator's surfaces (docs/simulator.md)")
+    tip: str = Field("good", description="tip scenario: good, blunt, multi, unstable or change")
+    frame_nm: float = Field(20.0, ge=0, description="frame edge length; 0 draws a typical size for the surface")
+    artefacts: bool = Field(True, description="drift, creep, misalignment, noise and feedback ringing")
     wait_subscriber_s: float = Field(10.0, ge=0, description="wait this long for subscribers before scanning")
     wait_topics: list[str] = Field(["line"], description="topics that must have a subscriber before scanning")
+
+
+    @field_validator("surface")
+    @classmethod
+    def _known_surface(cls, value: str) -> str:
+        from stm_live.sim.surfaces import SURFACES
+
+        if value not in SURFACES:
+            raise ValueError(f"unknown surface {value!r}; expected one of {', '.join(SURFACES)}")
+        return value
+
+    @field_validator("tip")
+    @classmethod
+    def _known_tip(cls, value: str) -> str:
+        from stm_live.sim.scan import SCENARIOS
+
+        if value not in SCENARIOS:
+            raise ValueError(f"unknown tip scenario {value!r}; expected one of {', '.join(SCENARIOS)}")
+        return value
 
 
 class DemoSettings(_Section):

@@ -146,7 +146,7 @@ class Status:
 
 @dataclass(frozen=True)
 class Truth:
-    """Simulator only: the full-resolution frame a `full` scan would have measured."""
+    """Simulator only: what a `full` scan would have measured, the ideal topography, per-line labels."""
 
     uid: str
     channels: tuple[str, ...]
@@ -429,8 +429,8 @@ class Decoder:
         )
 
     def _truth(self, f: _Fields, names: list[str], arrays: list[np.ndarray]) -> Truth:
-        if not arrays or any(a.ndim != 2 for a in arrays):
-            raise ProtocolError("bad_shape", "truth arrays must be 2-D")
+        if not arrays:
+            raise ProtocolError("array_mismatch", "truth carries at least one array")
         return Truth(uid=f.pattern("uid", _UID), channels=tuple(names), arrays=tuple(arrays), t=f.number("t"))
 
 

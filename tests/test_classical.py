@@ -5,14 +5,14 @@ from stm_live.engines import create_engine, reconstruct_exact
 from stm_live.engines.base import EngineError, Reconstruction, Reconstructor
 from stm_live.metrics import quality
 from stm_live.plans import parse_plan
-from stm_live.sim.instrument import simulate_scan
-from stm_live.sim.surface import SurfaceParams
+from stm_live.sim.frames import random_spec, simulate_frame
 
 
 @pytest.fixture(scope="module")
 def surface():
-    scan = simulate_scan(SurfaceParams(size_px=128, frame_nm=8.0), noise_pm=1.0, rng=np.random.default_rng(3))
-    return scan.forward[0]
+    rng = np.random.default_rng(3)
+    spec = random_spec(rng, 128, surface="si111_7x7", scenario="good", frame_nm=8.0, bias_v=-2.0, steps=False)
+    return simulate_frame(spec, rng).measurement.z[0]
 
 
 @pytest.mark.parametrize("plan", ["full", "lines:2", "lines:4", "lines:8", "sr:2", "sr:4", "pixels:0.3", "partial:40"])
