@@ -28,9 +28,13 @@ NM = 1e-9
 
 
 class SimInstrument:
-    """Publishes `frames` simulated scans; each frame is drawn from (seed, frame index)."""
+    """Publishes `frames` simulated scans; each frame is drawn from (seed, frame index).
 
-    def __init__(self, endpoint: str, *, size: int = 256, plan: str = "lines:4", line_rate_hz: float = 200.0,
+    With `line_rate_hz = 0` each frame is streamed at its own simulated line time (0.05-0.5 s per
+    line, as on a conventional STM); a positive rate overrides it (demos, tests, video rate).
+    """
+
+    def __init__(self, endpoint: str, *, size: int = 256, plan: str = "lines:4", line_rate_hz: float = 0.0,
                  seed: int = 0, surface: str = "si111_7x7", tip: str = "good", frame_nm: float = 0.0,
                  bias_v: float | None = None, artefacts: bool = True, context: zmq.Context | None = None) -> None:
         self.publisher = InstrumentPublisher(endpoint, source="stm-live-sim", context=context)
@@ -65,6 +69,7 @@ class SimInstrument:
     def scan(self, uid: str, frame: SimFrame, should_stop: Callable[[], bool]) -> int:
         spec = frame.spec
         direction = spec.scan.scan_direction
+        period = 1.0 / self.line_rate_hz if self.line_rate_hz else spec.scan.line_time_s
         mask = self.plan.mask(self.size, self.size, direction)
         z = (frame.measurement.z * NM).astype(np.float32)
         current = frame.measurement.current.astype(np.float32)
@@ -74,11 +79,10 @@ class SimInstrument:
         pub.scan_start(ScanStart(
             uid=uid, instrument="stm-live-sim", channels=CHANNELS, rows=self.size, cols=self.size,
             size_nm=(spec.frame_nm, spec.frame_nm), scan_direction=direction, plan=str(self.plan),
-            line_directions=("forward", "backward"), line_time_s=1.0 / self.line_rate_hz,
+            line_directions=("forward", "backward"), line_time_s=period,
             bias_v=spec.bias_v, setpoint_a=spec.scan.setpoint_a, t=time.time(),
             extra={"surface": spec.surface, "tip_scenario": spec.scenario.name, "simulated": True},
         ))
-        period = 1.0 / self.line_rate_hz
         start = time.perf_counter()
         next_heartbeat = start
         sent = 0

@@ -113,3 +113,14 @@ def _idle_for(daemon: Daemon, seconds: float) -> bool:
     before = daemon.counters["lines"]
     time.sleep(seconds)
     return daemon.counters["lines"] == before
+
+
+def bench_sim(frames: int = 2048, size_px: int = 256, workers: int = 2, shard_size: int = 128) -> dict[str, Any]:
+    """Training-data generation speed: simulated frames written as shards, per second, end to end
+    (worker start-up, simulation and HDF5 writing included)."""
+    from stm_live.sim.dataset import generate
+
+    with tempfile.TemporaryDirectory(prefix="stm-live-bench-sim-") as out:
+        generate(out, min(frames, 2 * workers), seed=1, size_px=size_px, shard_size=1, workers=workers)
+        result = generate(Path(out) / "run", frames, seed=2, size_px=size_px, shard_size=shard_size, workers=workers)
+    return {"benchmark": "sim", "machine": machine(), **result}

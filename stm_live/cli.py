@@ -115,6 +115,18 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
     return 0 if result["dropped"] == 0 else 1
 
 
+def cmd_bench_sim(args: argparse.Namespace) -> int:
+    from stm_live.bench import bench_sim
+
+    result = bench_sim(args.frames, args.size, args.workers)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(text + "\n")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(settings_as_toml(_settings(args, {})), end="")
     return 0
@@ -191,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hdf5", action="store_true", help="also run the per-scan HDF5 export")
     b.add_argument("--json", help="write the result here too")
     b.set_defaults(func=cmd_bench_ingest)
+    b = bench.add_parser("sim", help="simulated training frames per second (shards written)")
+    b.add_argument("--frames", type=int, default=2048)
+    b.add_argument("--size", type=int, default=256)
+    b.add_argument("--workers", type=int, default=2)
+    b.add_argument("--json", help="write the result here too")
+    b.set_defaults(func=cmd_bench_sim)
 
     p = sub.add_parser("config", help="print the resolved settings as TOML")
     p.set_defaults(func=cmd_config)

@@ -68,7 +68,7 @@ class SimSettings(_Section):
     frames: int = Field(3, ge=1)
     size: int = Field(256, ge=8, le=8192)
     plan: PlanText = "lines:4"
-    line_rate_hz: float = Field(200.0, gt=0)
+    line_rate_hz: float = Field(0.0, ge=0, description="rows per second; 0 uses each simulated frame's own line time")
     seed: int = 0
     surface: str = Field("si111_7x7", description="one of the simulator's surfaces (docs/simulator.md)")
     tip: str = Field("good", description="tip scenario: good, blunt, multi, unstable or change")

@@ -71,3 +71,13 @@ def test_busy_endpoint_is_a_clear_error():
         holder.close(0)
         context.term()
     assert result.returncode == 3 and "Address already in use" in result.stderr
+
+
+def test_sim_dataset_command_writes_shards(tmp_path):
+    result = stm_live("sim", "dataset", "--out", str(tmp_path / "ds"), "--n", "5", "--size", "48",
+                      "--shard-size", "2", "--workers", "2", "--seed", "4")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["frames"] == 5 and summary["shards"] == 3
+    assert sorted(p.name for p in (tmp_path / "ds").glob("*.h5")) == [f"shard-0000{i}.h5" for i in range(3)]
+    assert json.loads((tmp_path / "ds" / "dataset.json").read_text())["seed"] == 4

@@ -264,3 +264,42 @@ def test_acf_lattice_reports_distortion():
     assert anisotropy > 1.04
     clean_lattice, clean_anisotropy = lattice_from_acf(f.clean_nm.astype(float), 25.0)
     assert clean_lattice == pytest.approx(2.688, rel=0.03) and clean_anisotropy < 1.03
+
+
+def test_white_noise_floor_is_as_set():
+    noisy = ScanSettings(**{**QUIET.__dict__, "white_noise_nm": 0.003})
+    f = frame("cu111", 30.0, bias_v=-0.6, scan=noisy, seed=8)
+    second = np.diff(f.measurement.z[0].astype(float), n=2, axis=1)
+    assert np.median(np.std(second, axis=1)) / np.sqrt(6) == pytest.approx(0.003, rel=0.1)
+
+
+@pytest.mark.parametrize("surface, height", [("si111_7x7", 0.314), ("au111", 0.235), ("graphite", 0.335)])
+def test_terraces_step_by_the_monatomic_height(surface, height):
+    for seed in range(30):
+        f = frame(surface, 12.0, seed=seed, steps=True)
+        steps = f.topography.steps
+        if len(steps.positions_nm) == 1:
+            break
+    else:
+        pytest.fail("no single-step frame drawn")
+    p = 12.0 / 256
+    centres = (np.arange(256) + 0.5) * p
+    along = steps.normal[0] * centres[None, :] + steps.normal[1] * centres[:, None]
+    below = f.clean_nm[along < steps.positions_nm[0] - 1.0]
+    above = f.clean_nm[along > steps.positions_nm[0] + 1.0]
+    assert abs(np.median(above) - np.median(below)) == pytest.approx(height, rel=0.08)
+
+
+REAL = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+
+
+@pytest.mark.skipif(not (REAL / "Si_7x7_051.sxm").exists(), reason="real scans not found at ../shared/data/real")
+def test_compare_real_measures_both_and_draws_the_figure(tmp_path):
+    from stm_live.sim.compare import compare_real
+
+    result = compare_real(REAL, tmp_path)
+    assert (tmp_path / "compare_si7x7.png").stat().st_size > 10_000
+    real = result["scans"]["Si_7x7_051.sxm"]["real"]
+    simulated = result["scans"]["Si_7x7_051.sxm"]["simulated"]
+    assert 2.5 < real["lattice_nm"] < 4.5 and simulated["lattice_nm"] == pytest.approx(2.688, rel=0.08)
+    assert 0.2 < real["noise_floor_pm"] < 10 and 0.2 < simulated["noise_floor_pm"] < 10
