@@ -17,6 +17,15 @@ def _settings(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) ->
     return load_settings(args.config, overrides)
 
 
+def _print_json(result: dict[str, Any], path: str | None) -> None:
+    """Print a result as JSON and, when asked, write the same text to a file."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        with open(path, "w") as fh:
+            fh.write(text + "\n")
+
+
 def _stop_on_signals(stop) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop())
@@ -70,12 +79,7 @@ def cmd_sim_dataset(args: argparse.Namespace) -> int:
 def cmd_sim_compare(args: argparse.Namespace) -> int:
     from stm_live.sim.compare import compare_real
 
-    result = compare_real(args.real, args.out)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text + "\n")
+    _print_json(compare_real(args.real, args.out), args.json)
     return 0
 
 
@@ -107,23 +111,14 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
 
     result = bench_ingest(_settings(args, {}), lines=args.lines, cols=args.cols, channels=args.channels,
                           rate=args.rate, export_hdf5=args.hdf5)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text + "\n")
+    _print_json(result, args.json)
     return 0 if result["dropped"] == 0 else 1
 
 
 def cmd_bench_sim(args: argparse.Namespace) -> int:
     from stm_live.bench import bench_sim
 
-    result = bench_sim(args.frames, args.size, args.workers)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text + "\n")
+    _print_json(bench_sim(args.frames, args.size, args.workers), args.json)
     return 0
 
 

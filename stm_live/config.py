@@ -78,22 +78,15 @@ class SimSettings(_Section):
     wait_topics: list[str] = Field(["line"], description="topics that must have a subscriber before scanning")
 
 
-    @field_validator("surface")
+    @field_validator("surface", "tip")
     @classmethod
-    def _known_surface(cls, value: str) -> str:
+    def _known_name(cls, value: str, info) -> str:
+        from stm_live.sim.scan import SCENARIOS
         from stm_live.sim.surfaces import SURFACES
 
-        if value not in SURFACES:
-            raise ValueError(f"unknown surface {value!r}; expected one of {', '.join(SURFACES)}")
-        return value
-
-    @field_validator("tip")
-    @classmethod
-    def _known_tip(cls, value: str) -> str:
-        from stm_live.sim.scan import SCENARIOS
-
-        if value not in SCENARIOS:
-            raise ValueError(f"unknown tip scenario {value!r}; expected one of {', '.join(SCENARIOS)}")
+        options = SURFACES if info.field_name == "surface" else SCENARIOS
+        if value not in options:
+            raise ValueError(f"unknown {info.field_name} {value!r}; expected one of {', '.join(options)}")
         return value
 
 
