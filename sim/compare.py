@@ -25,6 +25,7 @@ from scipy.ndimage import gaussian_filter, maximum_filter  # noqa: E402
 
 from stm_live.metrics import fit_plane  # noqa: E402
 from stm_live.sim.frames import random_spec, simulate_frame  # noqa: E402
+from stm_live.sim.surfaces import SURFACES  # noqa: E402
 
 TWINS = {
     "Si_7x7_051.sxm": {"surface": "si111_7x7"},
@@ -146,4 +147,25 @@ def compare_real(real_dir: str | Path, out_dir: str | Path, seed: int = 7) -> di
     figure = out_dir / "compare_si7x7.png"
     fig.savefig(figure, dpi=80)
     plt.close(fig)
-    return {"figure": str(figure), "scans": results}
+    return {"figure": str(figure), "gallery": str(gallery(out_dir, seed)), "scans": results}
+
+
+def gallery(out_dir: Path, seed: int = 7) -> Path:
+    """Every surface with a good tip, then Si(111)-7x7 through each degraded tip scenario."""
+    panels = [(name, "good") for name in SURFACES] + [("si111_7x7", s) for s in ("blunt", "multi", "unstable", "change")]
+    fig, axes = plt.subplots(3, 5, figsize=(17, 10.5))
+    for ax, (index, (surface, scenario)) in zip(axes.flat, enumerate(panels)):
+        rng = np.random.default_rng([seed, 100 + index])
+        frame_nm = 20.0 if surface == "si111_7x7" else None
+        spec = random_spec(rng, 256, surface=surface, scenario=scenario, frame_nm=frame_nm,
+                           bias_v=-2.0 if surface == "si111_7x7" else None)
+        sim = simulate_frame(spec, rng)
+        _show(ax, sim.forward_z_nm.astype(np.float64),
+              f"{surface}, {scenario} tip ({spec.frame_nm:.1f} nm, {spec.bias_v:+.2f} V)")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = out_dir / "sim_gallery.png"
+    fig.savefig(path, dpi=60)
+    plt.close(fig)
+    return path
