@@ -83,6 +83,52 @@ def cmd_sim_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drive_nanonis(args: argparse.Namespace) -> int:
+    from stm_live.drivers.conditioning import ConditioningGate, ConditioningLimits
+    from stm_live.drivers.nanonis import NanonisDriver
+    from stm_live.drivers.nanonis_client import NanonisClient
+    from stm_live.drivers.publisher import InstrumentPublisher
+
+    settings = _settings(args, {"nanonis": {"host": args.host, "port": args.port, "bind": args.bind,
+                                            "plan": args.plan, "start_scans": args.start or None}})
+    n, c = settings.nanonis, settings.conditioning
+    gate = ConditioningGate(ConditioningLimits(c.max_bias_v, c.max_pulse_width_s, c.max_dip_nm, c.min_interval_s,
+                                               c.dry_run)) if c.enabled else None
+    publisher = InstrumentPublisher(n.bind, source="nanonis")
+    driver = NanonisDriver(NanonisClient(n.host, n.port, n.timeout_s), publisher, plan=n.plan,
+                           start_scans=n.start_scans, poll_s=n.poll_s, reconnect_s=n.reconnect_s, gate=gate)
+    stopping: list[bool] = []
+    _stop_on_signals(lambda: stopping.append(True))
+    try:
+        driver.run(lambda: bool(stopping), max_scans=args.scans)
+    finally:
+        publisher.close()
+    return 0
+
+
+def cmd_drive_replay(args: argparse.Namespace) -> int:
+    from stm_live.drivers.publisher import InstrumentPublisher
+    from stm_live.drivers.replay import ReplayDriver
+    from stm_live.drivers.scanfiles import ScanFileError
+
+    r = _settings(args, {"replay": {"bind": args.bind, "line_rate_hz": args.line_rate, "plan": args.plan}}).replay
+    publisher = InstrumentPublisher(r.bind, source="replay")
+    stopping: list[bool] = []
+    _stop_on_signals(lambda: stopping.append(True))
+    try:
+        if args.wait_subscriber and not publisher.wait_for_subscriber(args.wait_subscriber):
+            logging.getLogger("stm_live.replay").warning("no subscriber after %.0f s; replaying anyway",
+                                                         args.wait_subscriber)
+        sent = ReplayDriver(publisher, r.plan, r.line_rate_hz, args.size_nm).replay(args.files, lambda: bool(stopping))
+    except ScanFileError as exc:
+        print(f"stm-live: {exc}", file=sys.stderr)
+        return 4
+    finally:
+        publisher.close()
+    logging.getLogger("stm_live.replay").info("published %d lines", sent)
+    return 0
+
+
 def cmd_tap(args: argparse.Namespace) -> int:
     from stm_live.tap import tap, to_json
 
@@ -170,6 +216,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--real", default="../shared/data/real")
     c.add_argument("--json", help="also write the measured comparison here")
     c.set_defaults(func=cmd_sim_compare)
+
+    p = sub.add_parser("drive", help="instrument drivers: publish a controller's or a file's scans")
+    drivers = p.add_subparsers(dest="driver", required=True)
+    d = drivers.add_parser("nanonis", help="follow (or start) scans on a Nanonis controller over TCP")
+    d.add_argument("--host")
+    d.add_argument("--port", type=int)
+    d.add_argument("--bind", help="endpoint to publish on")
+    d.add_argument("--plan", help="full, lines:K, sr:K or partial:N (with --start)")
+    d.add_argument("--start", action="store_true", help="start scans with the plan instead of following")
+    d.add_argument("--scans", type=int, help="stop after this many scans")
+    d.set_defaults(func=cmd_drive_nanonis)
+    d = drivers.add_parser("replay", help="replay .sxm, .dat, .sm4 or .npy files line by line")
+    d.add_argument("files", nargs="+")
+    d.add_argument("--bind", help="endpoint to publish on")
+    d.add_argument("--line-rate", type=float, help="rows per second (0: the file's own line time)")
+    d.add_argument("--plan", help="publish only this plan's pixels of each recorded frame")
+    d.add_argument("--size-nm", type=float, help="frame size of .npy files")
+    d.add_argument("--wait-subscriber", type=float, default=10.0, help="seconds to wait for a subscriber")
+    d.set_defaults(func=cmd_drive_replay)
 
     p = sub.add_parser("tap", help="print one JSON line per message on an endpoint")
     p.add_argument("--connect", required=True)

@@ -90,6 +90,32 @@ class SimSettings(_Section):
         return value
 
 
+class NanonisSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(6501, ge=1, le=65535)
+    bind: str = Field("tcp://127.0.0.1:5550", description="endpoint the driver publishes lines on")
+    timeout_s: float = Field(5.0, gt=0)
+    poll_s: float = Field(0.05, gt=0, description="polling interval where Scan.WaitEndOfLine is missing")
+    reconnect_s: float = Field(1.0, gt=0)
+    plan: PlanText = "full"
+    start_scans: bool = Field(False, description="start scans with the plan's buffer, or only follow the user's")
+
+
+class ReplaySettings(_Section):
+    bind: str = "tcp://127.0.0.1:5550"
+    line_rate_hz: float = Field(0.0, ge=0, description="rows per second; 0 uses each file's line time")
+    plan: PlanText = "full"
+
+
+class ConditioningSettings(_Section):
+    enabled: bool = Field(False, description="let tip-conditioning requests reach the instrument at all")
+    dry_run: bool = Field(True, description="log accepted requests without executing them")
+    max_bias_v: float = Field(4.0, gt=0, le=10.0)
+    max_pulse_width_s: float = Field(0.05, gt=0, le=1.0)
+    max_dip_nm: float = Field(1.0, gt=0, le=5.0)
+    min_interval_s: float = Field(10.0, ge=0)
+
+
 class DemoSettings(_Section):
     frames: int = Field(3, ge=1)
     size: int = Field(256, ge=16, le=2048)
@@ -103,6 +129,9 @@ class Settings(_Section):
     limits: LimitSettings = LimitSettings()
     zmq: ZmqSettings = ZmqSettings()
     sim: SimSettings = SimSettings()
+    nanonis: NanonisSettings = NanonisSettings()
+    replay: ReplaySettings = ReplaySettings()
+    conditioning: ConditioningSettings = ConditioningSettings()
     demo: DemoSettings = DemoSettings()
 
 

@@ -81,3 +81,10 @@ def test_sim_dataset_command_writes_shards(tmp_path):
     assert summary["frames"] == 5 and summary["shards"] == 3
     assert sorted(p.name for p in (tmp_path / "ds").glob("*.h5")) == [f"shard-0000{i}.h5" for i in range(3)]
     assert json.loads((tmp_path / "ds" / "dataset.json").read_text())["seed"] == 4
+
+
+def test_drive_replay_reports_a_bad_file_and_exits(tmp_path):
+    bad = tmp_path / "broken.sxm"
+    bad.write_bytes(b":NANONIS_VERSION:\n2\n")
+    result = stm_live("drive", "replay", str(bad), "--bind", free_tcp_endpoint(), "--wait-subscriber", "0")
+    assert result.returncode == 4 and "broken.sxm" in result.stderr
