@@ -8,6 +8,17 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def inferable_rows(mask: np.ndarray) -> tuple[int, int]:
+    """Rows [top, bottom) an engine may fill: the measured span plus one typical row spacing on
+    each side. Beyond it nothing was scanned, so nothing is inferred (a frame still being scanned
+    shows its unscanned part empty)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return 0, 0
+    reach = int(np.max(np.diff(rows))) if rows.size > 1 else 0
+    return max(0, int(rows[0]) - reach), min(mask.shape[0], int(rows[-1]) + reach + 1)
+
+
 class EngineError(RuntimeError):
     """An engine that failed to load or returned something unusable."""
 

@@ -1,11 +1,14 @@
 """Classical reconstruction: the baseline every learned model must beat.
 
 The method follows the shape of the mask actually received (not the plan's name), so lines lost
-on the way are handled like lines never planned:
+on the way are handled like lines never planned. `auto` (the daemon's classical engine):
 
 - whole rows measured (`lines:K`, `partial:N`, `full`): cubic spline along the slow axis, per column;
 - a regular grid of rows x columns (`sr:K`): bicubic spline over the grid;
 - anything else (`pixels:F`, damaged lines): biharmonic inpainting (scikit-image).
+
+`linear` and `cubic` use the same three shapes with splines of degree 1 and 3 (scattered pixels:
+Delaunay-based linear and Clough-Tocher cubic interpolation); `biharmonic` inpaints every mask.
 
 Nothing is invented outside the scanned region: rows farther than one row spacing beyond the
 first or last measured row stay NaN, so a frame still being scanned shows its unscanned part empty.
@@ -14,17 +17,10 @@ first or last measured row stay NaN, so a frame still being scanned shows its un
 from __future__ import annotations
 
 import numpy as np
-from scipy.interpolate import CubicSpline, RectBivariateSpline
+from scipy.interpolate import CloughTocher2DInterpolator, CubicSpline, LinearNDInterpolator, RectBivariateSpline
 from skimage.restoration import inpaint_biharmonic
 
-from stm_live.engines.base import Reconstruction, Reconstructor
-
-
-def _reach(measured_rows: np.ndarray) -> int:
-    """How far beyond the first/last measured row we still fill: one typical row spacing."""
-    if measured_rows.size < 2:
-        return 0
-    return int(np.max(np.diff(measured_rows)))
+from stm_live.engines.base import Reconstruction, Reconstructor, inferable_rows
 
 
 def _held(points: np.ndarray, size: int) -> np.ndarray:
@@ -32,20 +28,24 @@ def _held(points: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.arange(size), points[0], points[-1])
 
 
-def cubic_rows(image: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Cubic spline through the measured rows, evaluated at every row (edges held)."""
+def spline_rows(image: np.ndarray, rows: np.ndarray, degree: int = 3) -> np.ndarray:
+    """Spline of the given degree (1 or 3) through the measured rows, at every row (edges held)."""
     height = image.shape[0]
     if rows.size == 1:
         return np.repeat(image[rows], height, axis=0)
+    at = _held(rows, height)
+    if degree == 1:
+        below = np.clip(np.searchsorted(rows, at, side="right") - 1, 0, rows.size - 2)
+        frac = ((at - rows[below]) / (rows[below + 1] - rows[below]))[:, None]
+        return image[rows[below]] * (1 - frac) + image[rows[below + 1]] * frac
     kind = "not-a-knot" if rows.size > 3 else "natural"
-    spline = CubicSpline(rows, image[rows], axis=0, bc_type=kind)
-    return spline(_held(rows, height))
+    return CubicSpline(rows, image[rows], axis=0, bc_type=kind)(at)
 
 
-def bicubic_grid(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Bicubic spline over a measured grid, evaluated on the full frame (edges held)."""
+def spline_grid(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, degree: int = 3) -> np.ndarray:
+    """Tensor spline of the given degree over a measured grid, on the full frame (edges held)."""
     grid = image[np.ix_(rows, cols)]
-    row_degree, col_degree = min(3, rows.size - 1), min(3, cols.size - 1)
+    row_degree, col_degree = min(degree, rows.size - 1), min(degree, cols.size - 1)
     if row_degree < 1 or col_degree < 1:
         return np.broadcast_to(grid.mean(), image.shape).copy()
     spline = RectBivariateSpline(rows, cols, grid, kx=row_degree, ky=col_degree)
@@ -56,31 +56,53 @@ def biharmonic(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return inpaint_biharmonic(np.where(mask, image, 0.0), ~mask)
 
 
-def reconstruct_one(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def scattered(image: np.ndarray, mask: np.ndarray, degree: int) -> np.ndarray:
+    """Delaunay-based interpolation of scattered pixels; outside their hull, the nearest row fill."""
+    points = np.argwhere(mask)
+    interpolator = (LinearNDInterpolator if degree == 1 else CloughTocher2DInterpolator)(points, image[mask])
+    out = interpolator(np.argwhere(np.ones_like(mask))).reshape(mask.shape)
+    holes = ~np.isfinite(out)
+    if holes.any():
+        out[holes] = biharmonic(np.where(mask, image, 0.0), mask)[holes]
+    return out
+
+
+METHODS = ("auto", "linear", "cubic", "biharmonic")
+
+
+def reconstruct_one(image: np.ndarray, mask: np.ndarray, method: str = "auto") -> np.ndarray:
     """Fill one frame (float64 in, float64 out; NaN where nothing can be inferred)."""
     out = np.full(image.shape, np.nan)
     row_any = mask.any(axis=1)
     rows = np.flatnonzero(row_any)
     if rows.size == 0:
         return out
-    reach = _reach(rows)
-    top, bottom = max(0, rows[0] - reach), min(image.shape[0], rows[-1] + reach + 1)
+    top, bottom = inferable_rows(mask)
     col_any = mask.any(axis=0)
     cols = np.flatnonzero(col_any)
-    if mask[rows].all():
-        out[top:bottom] = cubic_rows(image, rows)[top:bottom]
-    elif np.array_equal(mask, np.outer(row_any, col_any)):
-        out[top:bottom] = bicubic_grid(image, rows, cols)[top:bottom]
-    else:
+    degree = 1 if method == "linear" else 3
+    if method == "biharmonic":
         out[top:bottom] = biharmonic(image[top:bottom], mask[top:bottom])
+    elif mask[rows].all():
+        out[top:bottom] = spline_rows(image, rows, degree)[top:bottom]
+    elif np.array_equal(mask, np.outer(row_any, col_any)):
+        out[top:bottom] = spline_grid(image, rows, cols, degree)[top:bottom]
+    elif method == "auto":
+        out[top:bottom] = biharmonic(image[top:bottom], mask[top:bottom])
+    else:
+        out[top:bottom] = scattered(image[top:bottom], mask[top:bottom], degree)
     return out
 
 
 class ClassicalReconstructor(Reconstructor):
     """Spline / biharmonic interpolation; no uncertainty estimate."""
 
-    name = "classical"
+    def __init__(self, method: str = "auto") -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown classical method {method!r}; expected one of {METHODS}")
+        self.method = method
+        self.name = "classical" if method == "auto" else f"classical-{method}"
 
     def reconstruct(self, measured: np.ndarray, mask: np.ndarray) -> Reconstruction:
         data = measured.astype(np.float64)
-        return Reconstruction(np.stack([reconstruct_one(d, m) for d, m in zip(data, mask)]))
+        return Reconstruction(np.stack([reconstruct_one(d, m, self.method) for d, m in zip(data, mask)]))

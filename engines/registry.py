@@ -1,14 +1,32 @@
-"""Engine names accepted in config (`daemon.engine`) and how each is built."""
+"""Engine names accepted in config (`daemon.engine`) and how each is built.
+
+`classical` is the default (docs/models.md says why: the shipped model does not yet beat it);
+`model` is the learned MaskedUNet: if PyTorch or its weights cannot be loaded the daemon says
+why in its log and falls back to `classical`, so reconstruction never stops.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from stm_live.engines.base import EngineError, Reconstructor
 from stm_live.engines.classical import ClassicalReconstructor
 
+log = logging.getLogger(__name__)
+
+
+def _model() -> Reconstructor:
+    from stm_live.engines.torch_model import ModelReconstructor
+
+    return ModelReconstructor()
+
+
 ENGINES: dict[str, Callable[[], Reconstructor]] = {
+    "model": _model,
     "classical": ClassicalReconstructor,
+    "linear": lambda: ClassicalReconstructor("linear"),
+    "biharmonic": lambda: ClassicalReconstructor("biharmonic"),
 }
 
 
@@ -20,4 +38,10 @@ def create_engine(name: str) -> Reconstructor | None:
         factory = ENGINES[name]
     except KeyError:
         raise EngineError(f"unknown engine {name!r}; available: none, {', '.join(ENGINES)}") from None
-    return factory()
+    try:
+        return factory()
+    except Exception as exc:
+        if name == "classical":
+            raise
+        log.error("engine %s failed to load (%s: %s); falling back to classical", name, type(exc).__name__, exc)
+        return ClassicalReconstructor()

@@ -124,3 +124,33 @@ def bench_sim(frames: int = 2048, size_px: int = 256, workers: int = 2, shard_si
         generate(out, min(frames, 2 * workers), seed=1, size_px=size_px, shard_size=1, workers=workers)
         result = generate(Path(out) / "run", frames, seed=2, size_px=size_px, shard_size=shard_size, workers=workers)
     return {"benchmark": "sim", "machine": machine(), **result}
+
+
+def bench_infer(engine_name: str = "model", sizes: tuple[int, ...] = (128, 256, 512), repeats: int = 30,
+                threads: int = 2) -> dict[str, Any]:
+    """Reconstruction latency of one frame at batch 1 through the engine (normalisation included)."""
+    import torch
+
+    from stm_live.engines import create_engine, reconstruct_exact
+    from stm_live.sim.dataset import make_frame
+
+    torch.set_num_threads(threads)
+    engine = create_engine(engine_name)
+    results = {}
+    for size in sizes:
+        frame = make_frame(5, 0, size, surface="si111_7x7").measurement.z[0].astype(np.float32)
+        mask = np.zeros(frame.shape, bool)
+        mask[::4] = True
+        measured, masks = np.where(mask, frame, np.nan)[None], mask[None]
+        for _ in range(3):
+            reconstruct_exact(engine, measured, masks)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            reconstruct_exact(engine, measured, masks)
+            times.append(time.perf_counter() - start)
+        ms = np.array(times) * 1000
+        results[str(size)] = {"p50_ms": round(float(np.percentile(ms, 50)), 2),
+                              "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+    return {"benchmark": "infer", "machine": machine(), "engine": engine.name, "threads": threads,
+            "plan": "lines:4", "batch": 1, "latency": results}

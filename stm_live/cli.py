@@ -129,6 +129,23 @@ def cmd_drive_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from stm_live.models.training import TrainConfig, train
+
+    summary = train(TrainConfig.from_toml(args.train_config), resume=not args.restart)
+    _print_json(summary, None)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from stm_live.engines.registry import create_engine
+    from stm_live.evaluation import evaluate
+
+    model = None if args.no_model else create_engine("model")
+    _print_json(evaluate(args.images, args.plan, model, args.plot), args.json)
+    return 0
+
+
 def cmd_tap(args: argparse.Namespace) -> int:
     from stm_live.tap import tap, to_json
 
@@ -165,6 +182,13 @@ def cmd_bench_sim(args: argparse.Namespace) -> int:
     from stm_live.bench import bench_sim
 
     _print_json(bench_sim(args.frames, args.size, args.workers), args.json)
+    return 0
+
+
+def cmd_bench_infer(args: argparse.Namespace) -> int:
+    from stm_live.bench import bench_infer
+
+    _print_json(bench_infer(args.engine, tuple(args.sizes), args.repeats, args.threads), args.json)
     return 0
 
 
@@ -236,6 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--wait-subscriber", type=float, default=10.0, help="seconds to wait for a subscriber")
     d.set_defaults(func=cmd_drive_replay)
 
+    p = sub.add_parser("train", help="train the reconstruction model (simulator data plus real scans)")
+    p.add_argument("--train-config", help="TOML file overriding the training defaults (stm_live/models/training.py)")
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="PSNR/SSIM of the model and classical baselines on images")
+    p.add_argument("images", nargs="+", help=".sxm (forward height) or .npy (2-D) files")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--json", help="write the result here too")
+    p.add_argument("--plot", help="write a figure: original, measured, reconstructions, error maps")
+    p.add_argument("--no-model", action="store_true", help="baselines only")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("tap", help="print one JSON line per message on an endpoint")
     p.add_argument("--connect", required=True)
     p.add_argument("--count", type=int)
@@ -269,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--json", help="write the result here too")
     b.set_defaults(func=cmd_bench_sim)
+    b = bench.add_parser("infer", help="reconstruction latency per frame at batch 1")
+    b.add_argument("--engine", default="model")
+    b.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
+    b.add_argument("--repeats", type=int, default=30)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--json", help="write the result here too")
+    b.set_defaults(func=cmd_bench_infer)
 
     p = sub.add_parser("config", help="print the resolved settings as TOML")
     p.set_defaults(func=cmd_config)

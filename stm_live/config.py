@@ -42,7 +42,7 @@ class DaemonSettings(_Section):
     output: str = Field("tcp://127.0.0.1:5551", description="endpoint the daemon binds to publish frames and status")
     record_dir: str = Field("recordings", description="directory for raw-line journals and per-scan HDF5 files")
     export_hdf5: bool = Field(True, description="write <uid>.h5 from each finished scan's journal")
-    engine: str = Field("classical", description="reconstruction engine; 'none' publishes raw frames only")
+    engine: str = Field("classical", description="classical, model, linear, biharmonic; 'none' publishes raw frames only")
     reconstruct_every_lines: int = Field(16, ge=0, description="progressive reconstruction cadence; 0 = at scan end only")
     heartbeat_interval_s: float = Field(1.0, gt=0)
     status_interval_s: float = Field(1.0, gt=0)

@@ -81,3 +81,15 @@ def test_unknown_engine_names_the_choices():
     with pytest.raises(EngineError, match="classical"):
         create_engine("magic")
     assert create_engine("none") is None
+
+
+@pytest.mark.parametrize("method", ["linear", "cubic", "biharmonic"])
+@pytest.mark.parametrize("plan", ["lines:4", "sr:2", "pixels:0.3"])
+def test_every_baseline_method_fills_every_plan_keeping_measurements(surface, method, plan):
+    from stm_live.engines.classical import ClassicalReconstructor
+
+    mask = parse_plan(plan).mask(*surface.shape)
+    engine = ClassicalReconstructor("auto" if method == "cubic" else method)
+    out = reconstruct_exact(engine, np.where(mask, surface, np.nan)[None], mask[None]).images[0]
+    assert np.isfinite(out).all() and np.array_equal(out[mask], surface[mask])
+    assert quality(surface.astype(float), out.astype(float)).psnr > 18

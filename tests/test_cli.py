@@ -40,9 +40,12 @@ def test_demo_reports_quality_and_latency(tmp_path):
     summary = json.loads(out_json.read_text())
     assert summary["frames_scored"] == 2 and summary["dropped"] == 0
     assert summary["lines_received"] == 2 * 32 * 2
-    assert summary["psnr_db_mean"] > 15 and 0 < summary["ssim_mean"] <= 1
+    for key in ("engine", "classical", "model"):
+        assert summary["mean"][key]["psnr_db"] > 15 and 0 < summary["mean"][key]["ssim"] <= 1
+    assert summary["engine"] == "classical" and summary["scores"][0]["method"] == "classical"
+    assert summary["mean"]["engine"] == summary["mean"]["classical"]
     assert summary["latency_ms"]["p50"] > 0
-    assert "PSNR" in result.stdout and "lines/s" in result.stdout
+    assert "dB" in result.stdout and "lines/s" in result.stdout
     assert len(list((tmp_path / "rec").glob("*.journal"))) == 2
 
 

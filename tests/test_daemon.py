@@ -16,6 +16,7 @@ from conftest import CHANNELS, Harness, make_frame, scan_start, wait_for
 
 def test_sim_to_daemon_to_subscriber(settings):
     settings.daemon.reconstruct_every_lines = 4
+    settings.daemon.engine = "model"
     context = zmq.Context()
     harness = Harness(settings, context, with_publisher=False)
     sim = SimInstrument(settings.daemon.input, size=64, plan="lines:4", line_rate_hz=400, seed=5, context=context)
@@ -43,7 +44,8 @@ def test_sim_to_daemon_to_subscriber(settings):
                 sent = truths[frame.uid][frame.channel]
                 assert np.array_equal(frame.image[measured_rows], sent[measured_rows])
             if frame.kind == "reconstructed":
-                assert frame.method == "classical" and np.isfinite(frame.image).all()
+                assert frame.method == "masked-unet" and np.isfinite(frame.image).all()
+                assert frame.uncertainty is not None and (frame.uncertainty[frame.mask] == 0).all()
             else:
                 assert frame.method == "measured" and np.isnan(frame.image[1::4]).all()
         progressive = [f for f in harness.listener.frames(kind="reconstructed") if not f.final]

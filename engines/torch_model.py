@@ -1,0 +1,91 @@
+"""The learned engine: MaskedUNet on PyTorch (CPU here; CUDA where present).
+
+Per frame: normalise from the measured pixels (plane and spread), pad to the network's size
+multiple, infer mean and log-variance, map back to physical units. The uncertainty is the
+predicted standard deviation (0 at measured pixels once `reconstruct_exact` restores them).
+Rows beyond the scanned span stay NaN, as with the classical engine.
+
+Stochastic mode (for localization maps): N plausible reconstructions of one measurement by
+perturbing the measured input with noise of the measurement's own white-noise level, the
+method of the STM super-resolution source; unlike sampling the per-pixel variance it yields
+spatially coherent alternatives, each a full network pass, all in one batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from stm_live.engines.base import Reconstruction, Reconstructor, inferable_rows
+from stm_live.models.architecture import MIN_SIZE, SIZE_MULTIPLE
+from stm_live.models.normalize import fit_transform, network_input
+from stm_live.models.weights import DEFAULT_WEIGHTS, load_model
+
+
+def white_noise_level(image: np.ndarray, mask: np.ndarray) -> float:
+    """Noise of the measured values from second differences along fully measured rows (std / sqrt 6)."""
+    rows = np.flatnonzero(mask.all(axis=1))
+    if rows.size == 0 or image.shape[1] < 3:
+        return 0.0
+    second = np.diff(image[rows].astype(np.float64), n=2, axis=1)
+    return float(np.median(np.std(second, axis=1)) / np.sqrt(6))
+
+
+class ModelReconstructor(Reconstructor):
+    def __init__(self, weights=DEFAULT_WEIGHTS, device: str | None = None, threads: int | None = None) -> None:
+        self.model, self.descriptor = load_model(weights)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device)
+        if threads:
+            torch.set_num_threads(threads)
+        self.name = "masked-unet"
+
+    def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        height, width = batch.shape[-2:]
+        pad_h = max(MIN_SIZE, height + (-height % SIZE_MULTIPLE)) - height
+        pad_w = max(MIN_SIZE, width + (-width % SIZE_MULTIPLE)) - width
+        x = torch.from_numpy(batch).to(self.device)
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        with torch.inference_mode():
+            out = self.model(x)[..., :height, :width].float().cpu().numpy()
+        return out[:, 0], out[:, 1]
+
+    def reconstruct(self, measured: np.ndarray, mask: np.ndarray) -> Reconstruction:
+        transforms = [fit_transform(m, k) for m, k in zip(measured, mask)]
+        batch = np.stack([network_input(m, k, t) for m, k, t in zip(measured, mask, transforms)])
+        mean, log_var = self._infer(batch)
+        images = np.empty(measured.shape)
+        uncertainty = np.empty(measured.shape, dtype=np.float32)
+        for i, (t, k) in enumerate(zip(transforms, mask)):
+            images[i] = t.inverse(mean[i])
+            uncertainty[i] = np.exp(0.5 * log_var[i]) * t.scale
+            top, bottom = inferable_rows(k)
+            images[i, :top] = images[i, bottom:] = np.nan
+            uncertainty[i, :top] = uncertainty[i, bottom:] = np.nan
+        return Reconstruction(images, uncertainty)
+
+    def sample(self, measured: np.ndarray, mask: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+        """(n, H, W) plausible reconstructions of one frame (measured pixels as measured)."""
+        rng = np.random.default_rng(seed)
+        transform = fit_transform(measured, mask)
+        base = network_input(measured, mask, transform)
+        sigma = white_noise_level(measured, mask) / transform.scale
+        batch = np.repeat(base[None], n, axis=0)
+        batch[:, 0] += (sigma * rng.standard_normal((n, *mask.shape)) * mask).astype(np.float32)
+        mean, _ = self._infer(batch)
+        samples = np.stack([transform.inverse(m) for m in mean])
+        samples[:, mask] = measured[mask]
+        top, bottom = inferable_rows(mask)
+        samples[:, :top] = samples[:, bottom:] = np.nan
+        return samples
+
+
+def export_onnx(path: str, weights=DEFAULT_WEIGHTS, opset: int = 17) -> None:
+    """ONNX with dynamic batch, height and width (multiples of the size multiple)."""
+    model, _ = load_model(weights)
+    example = torch.zeros(1, 2, 64, 64)
+    torch.onnx.export(model, example, path, input_names=["input"], output_names=["output"], opset_version=opset,
+                      dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"},
+                                    "output": {0: "batch", 2: "height", 3: "width"}}, dynamo=False)

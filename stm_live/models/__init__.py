@@ -1,0 +1,1 @@
+"""Learned reconstruction: architecture, normalisation, training and shipped weights."""

@@ -1,0 +1,174 @@
+"""The learned reconstruction: architecture, shipped weights, engine, stochastic mode, ONNX, training."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stm_live.engines import create_engine, reconstruct_exact
+from stm_live.engines.classical import ClassicalReconstructor
+from stm_live.engines.torch_model import ModelReconstructor, export_onnx
+from stm_live.metrics import quality
+from stm_live.models.architecture import SIZE_MULTIPLE, MaskedUNet
+from stm_live.models.training import TrainConfig, random_mask, train
+from stm_live.models.weights import DEFAULT_WEIGHTS
+from stm_live.plans import parse_plan
+from stm_live.sim.dataset import make_frame
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ModelReconstructor(threads=2)
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    """Simulator frames from a seed the training never used (it trains on seed 0)."""
+    return [make_frame(987, i, 128, surface="si111_7x7").measurement.z[0].astype(np.float64) for i in range(4)]
+
+
+def test_architecture_is_fully_convolutional():
+    net = MaskedUNet(8).eval()
+    for h, w in ((32, 48), (64, 32)):
+        assert net(torch.zeros(3, 2, h, w)).shape == (3, 2, h, w)
+
+
+def test_tiny_frames_are_padded_not_refused(model):
+    frame = np.arange(32, dtype=np.float32).reshape(4, 8)
+    mask = np.zeros((4, 8), bool)
+    mask[::2] = True
+    out = reconstruct_exact(model, frame[None], mask[None]).images[0]
+    assert np.isfinite(out).all() and np.array_equal(out[mask], frame[mask])
+
+
+def test_shipped_weights_are_small_and_described():
+    assert DEFAULT_WEIGHTS.exists() and DEFAULT_WEIGHTS.stat().st_size < 8e6
+    descriptor = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    assert descriptor["size_multiple"] == SIZE_MULTIPLE and descriptor["training"]["steps"] > 0
+
+
+@pytest.mark.parametrize("plan", ["lines:2", "lines:4", "lines:8", "sr:2", "sr:4", "pixels:0.3", "partial:40"])
+def test_model_returns_measured_pixels_exactly_at_any_size(model, held_out, plan):
+    frame = held_out[0][:100, :120].astype(np.float32)
+    mask = parse_plan(plan).mask(*frame.shape)
+    result = reconstruct_exact(model, np.where(mask, frame, np.nan)[None], mask[None])
+    out, sigma = result.images[0], result.uncertainty[0]
+    assert out.shape == frame.shape and np.array_equal(out[mask], frame[mask])
+    assert (sigma[mask] == 0).all() and (sigma[np.isfinite(sigma)] >= 0).all()
+    if plan == "partial:40":
+        assert np.isnan(out[50:]).all() and np.isfinite(out[:40]).all()
+    else:
+        assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("plan", ["lines:4", "lines:8"])
+def test_model_beats_the_cubic_baseline_on_held_out_simulator_frames(model, held_out, plan):
+    gains = []
+    for frame in held_out:
+        mask = parse_plan(plan).mask(*frame.shape)
+        measured = np.where(mask, frame, np.nan)[None]
+        ours = reconstruct_exact(model, measured, mask[None]).images[0]
+        cubic = reconstruct_exact(ClassicalReconstructor(), measured, mask[None]).images[0]
+        gains.append(quality(frame, ours).psnr - quality(frame, cubic).psnr)
+    assert np.mean(gains) > 0.5, gains
+
+
+def test_uncertainty_grows_away_from_measured_lines_and_tracks_the_error(model, held_out):
+    correlations = []
+    for frame in held_out:
+        mask = parse_plan("lines:8").mask(*frame.shape)
+        result = reconstruct_exact(model, frame[None], mask[None])
+        sigma, error = result.uncertainty[0], np.abs(result.images[0] - frame)
+        assert sigma[4::8].mean() > sigma[1::8].mean() > 0
+        correlations.append(np.corrcoef(sigma[~mask], error[~mask])[0, 1])
+    assert np.mean(correlations) > 0.1
+
+
+def test_stochastic_samples_differ_but_keep_the_measurement(model, held_out):
+    frame = held_out[2]
+    mask = parse_plan("lines:4").mask(*frame.shape)
+    samples = model.sample(frame, mask, n=6, seed=1)
+    assert samples.shape == (6, *frame.shape)
+    assert all(np.array_equal(s[mask], frame[mask]) for s in samples)
+    spread = samples[:, ~mask].std(axis=0).mean()
+    assert 0 < spread < 0.5 * frame.std()
+
+
+def test_onnx_export_runs_in_onnxruntime_with_dynamic_shapes(tmp_path):
+    import onnxruntime
+
+    path = tmp_path / "model.onnx"
+    export_onnx(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    net, _ = __import__("stm_live.models.weights", fromlist=["load_model"]).load_model()
+    rng = np.random.default_rng(0)
+    for shape in ((1, 2, 64, 64), (3, 2, 48, 96)):
+        x = rng.normal(size=shape).astype(np.float32)
+        x[:, 1] = rng.random((shape[0], *shape[2:])) < 0.3
+        ours = session.run(None, {"input": x})[0]
+        with torch.inference_mode():
+            reference = net(torch.from_numpy(x)).numpy()
+        assert ours.shape == reference.shape
+        assert np.abs(ours - reference).max() / np.abs(reference).max() < 1e-4
+
+
+def test_random_masks_cover_every_plan_family():
+    rng = np.random.default_rng(0)
+    masks = [random_mask(rng, 32, 32) for _ in range(200)]
+    row_structured = sum(m[m.any(axis=1)].all() for m in masks)
+    grids = sum(np.array_equal(m, np.outer(m.any(1), m.any(0))) and not m[m.any(1)].all() for m in masks)
+    assert row_structured > 60 and grids > 20 and 200 - row_structured - grids > 20
+
+
+def test_training_is_deterministic_and_resumes_exactly(tmp_path, monkeypatch):
+    from stm_live.models import training
+
+    def config(name):
+        return TrainConfig(out_dir=str(tmp_path / name), weights=str(tmp_path / name / "w.safetensors"),
+                           data_dir=str(tmp_path / "data"), sim_frames=4, sim_size=64, real_files=[], width=8,
+                           steps=4, batch=2, crop=32, checkpoint_every=2, threads=1)
+
+    straight = train(config("a"), resume=False)
+    calls = []
+    real_batch = training.TrainingImages.batch
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_batch(self, *args)
+
+    monkeypatch.setattr(training.TrainingImages, "batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(config("b"), resume=False)
+    monkeypatch.setattr(training.TrainingImages, "batch", real_batch)
+    resumed = train(config("b"), resume=True)
+    assert straight["final_loss"] == pytest.approx(resumed["final_loss"], rel=1e-6)
+    from safetensors.torch import load_file
+    a, b = load_file(str(tmp_path / "a" / "w.safetensors")), load_file(str(tmp_path / "b" / "w.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_model_engine_falls_back_to_classical_when_it_cannot_load(monkeypatch, caplog):
+    import stm_live.engines.torch_model as tm
+
+    monkeypatch.setattr(tm, "load_model", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("no weights")))
+    engine = create_engine("model")
+    assert isinstance(engine, ClassicalReconstructor) and "falling back to classical" in caplog.text
+
+
+def test_eval_reports_model_and_baselines(tmp_path, held_out):
+    from stm_live.evaluation import evaluate
+
+    path = tmp_path / "frame.npy"
+    np.save(path, held_out[3])
+    result = evaluate([str(path)], "lines:4", create_engine("model"), plot=str(tmp_path / "plot.png"))
+    entry = result["images"][0]
+    assert set(entry["baselines"]) == {"linear", "cubic", "biharmonic"} and "model" in entry
+    assert entry["gain_db_over_best_baseline"] == pytest.approx(
+        entry["model"]["psnr"] - max(v["psnr"] for v in entry["baselines"].values()), abs=1e-3)
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
