@@ -16,22 +16,22 @@ from stm_live.engines.classical import ClassicalReconstructor
 log = logging.getLogger(__name__)
 
 
-def _model() -> Reconstructor:
+def _model(threads: int | None) -> Reconstructor:
     from stm_live.engines.torch_model import ModelReconstructor
 
-    return ModelReconstructor()
+    return ModelReconstructor(threads=threads)
 
 
-ENGINES: dict[str, Callable[[], Reconstructor]] = {
+ENGINES: dict[str, Callable[[int | None], Reconstructor]] = {
     "model": _model,
-    "classical": ClassicalReconstructor,
-    "linear": lambda: ClassicalReconstructor("linear"),
-    "biharmonic": lambda: ClassicalReconstructor("biharmonic"),
+    "classical": lambda threads: ClassicalReconstructor(),
+    "linear": lambda threads: ClassicalReconstructor("linear"),
+    "biharmonic": lambda threads: ClassicalReconstructor("biharmonic"),
 }
 
 
-def create_engine(name: str) -> Reconstructor | None:
-    """Build the named engine; 'none' means raw frames only."""
+def create_engine(name: str, threads: int | None = None) -> Reconstructor | None:
+    """Build the named engine (`threads` bounds a learned engine's CPU threads); 'none' = raw frames only."""
     if name == "none":
         return None
     try:
@@ -39,7 +39,7 @@ def create_engine(name: str) -> Reconstructor | None:
     except KeyError:
         raise EngineError(f"unknown engine {name!r}; available: none, {', '.join(ENGINES)}") from None
     try:
-        return factory()
+        return factory(threads)
     except Exception as exc:
         if name == "classical":
             raise

@@ -134,8 +134,7 @@ def bench_infer(engine_name: str = "model", sizes: tuple[int, ...] = (128, 256, 
     from stm_live.engines import create_engine, reconstruct_exact
     from stm_live.sim.dataset import make_frame
 
-    torch.set_num_threads(threads)
-    engine = create_engine(engine_name)
+    engine = create_engine(engine_name, threads)
     results = {}
     for size in sizes:
         frame = make_frame(5, 0, size, surface="si111_7x7").measurement.z[0].astype(np.float32)

@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="instrument endpoint to connect to")
     p.add_argument("--output", help="endpoint to bind for frames and status")
     p.add_argument("--record", help="directory for journals and HDF5 files ('' disables recording)")
-    p.add_argument("--engine", help="reconstruction engine: classical or none")
+    p.add_argument("--engine", help="reconstruction engine: classical, model, linear, biharmonic or none")
     p.add_argument("--every", type=int, help="progressive reconstruction every N lines (0: at scan end only)")
     p.set_defaults(func=cmd_run)
 
