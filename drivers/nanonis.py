@@ -28,7 +28,7 @@ import numpy as np
 from stm_live.drivers.conditioning import ConditioningGate
 from stm_live.drivers.nanonis_client import Buffer, NanonisClient, NanonisError
 from stm_live.drivers.publisher import InstrumentPublisher
-from stm_live.plans import Plan, PlanError, parse_plan
+from stm_live.plans import PlanError, parse_plan
 from stm_live.protocol import ChannelInfo, ScanStart
 
 log = logging.getLogger(__name__)

@@ -129,7 +129,6 @@ def bench_sim(frames: int = 2048, size_px: int = 256, workers: int = 2, shard_si
 def bench_infer(engine_name: str = "model", sizes: tuple[int, ...] = (128, 256, 512), repeats: int = 30,
                 threads: int = 2) -> dict[str, Any]:
     """Reconstruction latency of one frame at batch 1 through the engine (normalisation included)."""
-    import torch
 
     from stm_live.engines import create_engine, reconstruct_exact
     from stm_live.sim.dataset import make_frame

@@ -76,9 +76,6 @@ class LatencyWindow:
         with self._lock:
             self._values.append(seconds)
 
-    def __len__(self) -> int:
-        return len(self._values)
-
     def summary(self) -> dict[str, float]:
         with self._lock:
             values = np.fromiter(self._values, dtype=np.float64)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from stm_live.protocol import (
-    SCHEMA_VERSION, ChannelInfo, Decoder, Frame, Heartbeat, Limits, Line, ProtocolError, ScanEnd,
+    SCHEMA_VERSION, Decoder, Frame, Heartbeat, Limits, Line, ProtocolError, ScanEnd,
     ScanStart, Status, Truth, encode,
 )
 

@@ -246,7 +246,7 @@ def test_current_channel_shows_the_feedback_error():
 def test_dataset_is_deterministic_per_seed_and_independent_of_workers(tmp_path):
     a = generate(tmp_path / "a", 6, seed=11, size_px=64, shard_size=4, workers=1)
     b = generate(tmp_path / "b", 6, seed=11, size_px=64, shard_size=3, workers=2)
-    c = generate(tmp_path / "c", 6, seed=12, size_px=64, shard_size=6, workers=1)
+    generate(tmp_path / "c", 6, seed=12, size_px=64, shard_size=6, workers=1)
     assert a["frames"] == b["frames"] == 6
     join = lambda d, key: np.concatenate([read_shard(p)[key] for p in sorted((tmp_path / d).glob("shard-*.h5"))])
     for key in ("clean", "z", "current", "tip_state", "events", "frame_nm", "surface"):
