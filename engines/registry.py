@@ -16,22 +16,22 @@ from stm_live.engines.classical import ClassicalReconstructor
 log = logging.getLogger(__name__)
 
 
-def _model(threads: int | None) -> Reconstructor:
+def _model(threads: int | None, backend: str) -> Reconstructor:
     from stm_live.engines.torch_model import ModelReconstructor
 
-    return ModelReconstructor(threads=threads)
+    return ModelReconstructor(backend=backend, threads=threads)
 
 
-ENGINES: dict[str, Callable[[int | None], Reconstructor]] = {
+ENGINES: dict[str, Callable[[int | None, str], Reconstructor]] = {
     "model": _model,
-    "classical": lambda threads: ClassicalReconstructor(),
-    "linear": lambda threads: ClassicalReconstructor("linear"),
-    "biharmonic": lambda threads: ClassicalReconstructor("biharmonic"),
+    "classical": lambda threads, backend: ClassicalReconstructor(),
+    "linear": lambda threads, backend: ClassicalReconstructor("linear"),
+    "biharmonic": lambda threads, backend: ClassicalReconstructor("biharmonic"),
 }
 
 
-def create_engine(name: str, threads: int | None = None) -> Reconstructor | None:
-    """Build the named engine (`threads` bounds a learned engine's CPU threads); 'none' = raw frames only."""
+def create_engine(name: str, threads: int | None = None, backend: str = "auto") -> Reconstructor | None:
+    """Build the named engine; `threads` and `backend` apply to the learned one. 'none' = raw frames only."""
     if name == "none":
         return None
     try:
@@ -39,7 +39,7 @@ def create_engine(name: str, threads: int | None = None) -> Reconstructor | None
     except KeyError:
         raise EngineError(f"unknown engine {name!r}; available: none, {', '.join(ENGINES)}") from None
     try:
-        return factory(threads)
+        return factory(threads, backend)
     except Exception as exc:
         if name == "classical":
             raise

@@ -1,4 +1,4 @@
-"""The learned engine: MaskedUNet on PyTorch (CPU here; CUDA where present).
+"""The learned engine: MaskedUNet through a runner (engines.runners: PyTorch CPU/CUDA, ONNX Runtime).
 
 Per frame: normalise from the measured pixels (plane and spread), pad to the network's size
 multiple, infer mean and log-variance, map back to physical units. The uncertainty is the
@@ -9,18 +9,27 @@ Stochastic mode (for localization maps): N plausible reconstructions of one meas
 perturbing the measured input with noise of the measurement's own white-noise level, the
 method of the STM super-resolution source; unlike sampling the per-pixel variance it yields
 spatially coherent alternatives, each a full network pass, all in one batch.
+
+A runner that fails to load or to run is logged and replaced by the next in its chain, and the
+batch is run again, so no frame is lost to a backend failure.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
+from pathlib import Path
+
 import numpy as np
 import torch
-from torch.nn import functional as F
 
-from stm_live.engines.base import Reconstruction, Reconstructor, inferable_rows
+from stm_live.engines.base import EngineError, Reconstruction, Reconstructor, inferable_rows
+from stm_live.engines.runners import BACKENDS, Runner, backend_chain
 from stm_live.models.architecture import MIN_SIZE, SIZE_MULTIPLE
 from stm_live.models.normalize import fit_transform, network_input
 from stm_live.models.weights import DEFAULT_WEIGHTS, load_model
+
+log = logging.getLogger(__name__)
 
 
 def white_noise_level(image: np.ndarray, mask: np.ndarray) -> float:
@@ -33,23 +42,44 @@ def white_noise_level(image: np.ndarray, mask: np.ndarray) -> float:
 
 
 class ModelReconstructor(Reconstructor):
-    def __init__(self, weights=DEFAULT_WEIGHTS, device: str | None = None, threads: int | None = None) -> None:
-        self.model, self.descriptor = load_model(weights)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model.to(self.device)
-        if threads:
-            torch.set_num_threads(threads)
-        self.name = "masked-unet"
+    name = "masked-unet"
+
+    def __init__(self, weights: Path = DEFAULT_WEIGHTS, backend: str = "auto", threads: int | None = None) -> None:
+        self.weights, self.threads = Path(weights), threads
+        self.chain = list(backend_chain(backend))
+        self.runner: Runner | None = None
+        self._next_runner()
+
+    def _next_runner(self) -> None:
+        while self.chain:
+            candidate = BACKENDS[self.chain.pop(0)](self.weights, self.threads)
+            try:
+                candidate.activate()
+            except Exception as exc:
+                log.info("backend %s unavailable: %s: %s", candidate.name, type(exc).__name__, exc)
+                continue
+            self.runner = candidate
+            log.info("masked-unet runs on %s", candidate.name)
+            return
+        raise EngineError("no inference backend could be loaded for the model")
+
+    @property
+    def backend(self) -> str:
+        return self.runner.name
 
     def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         height, width = batch.shape[-2:]
         pad_h = max(MIN_SIZE, height + (-height % SIZE_MULTIPLE)) - height
         pad_w = max(MIN_SIZE, width + (-width % SIZE_MULTIPLE)) - width
-        x = torch.from_numpy(batch).to(self.device)
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        with torch.inference_mode():
-            out = self.model(x)[..., :height, :width].float().cpu().numpy()
+        padded = np.pad(batch, ((0, 0), (0, 0), (0, pad_h), (0, pad_w))) if pad_h or pad_w else batch
+        while True:
+            try:
+                out = self.runner.infer(padded)[..., :height, :width]
+                break
+            except Exception:
+                log.exception("backend %s failed; switching to the next one", self.runner.name)
+                self.runner.deactivate()
+                self._next_runner()
         return out[:, 0], out[:, 1]
 
     def reconstruct(self, measured: np.ndarray, mask: np.ndarray) -> Reconstruction:
@@ -82,10 +112,12 @@ class ModelReconstructor(Reconstructor):
         return samples
 
 
-def export_onnx(path: str, weights=DEFAULT_WEIGHTS, opset: int = 17) -> None:
+def export_onnx(path: str, weights: Path = DEFAULT_WEIGHTS, opset: int = 17) -> None:
     """ONNX with dynamic batch, height and width (multiples of the size multiple)."""
     model, _ = load_model(weights)
     example = torch.zeros(1, 2, 64, 64)
-    torch.onnx.export(model, example, path, input_names=["input"], output_names=["output"], opset_version=opset,
-                      dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"},
-                                    "output": {0: "batch", 2: "height", 3: "width"}}, dynamo=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
+        torch.onnx.export(model, example, path, input_names=["input"], output_names=["output"], opset_version=opset,
+                          dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"},
+                                        "output": {0: "batch", 2: "height", 3: "width"}}, dynamo=False)

@@ -127,13 +127,13 @@ def bench_sim(frames: int = 2048, size_px: int = 256, workers: int = 2, shard_si
 
 
 def bench_infer(engine_name: str = "model", sizes: tuple[int, ...] = (128, 256, 512), repeats: int = 30,
-                threads: int = 2) -> dict[str, Any]:
+                threads: int = 2, backend: str = "auto") -> dict[str, Any]:
     """Reconstruction latency of one frame at batch 1 through the engine (normalisation included)."""
 
     from stm_live.engines import create_engine, reconstruct_exact
     from stm_live.sim.dataset import make_frame
 
-    engine = create_engine(engine_name, threads)
+    engine = create_engine(engine_name, threads, backend)
     results = {}
     for size in sizes:
         frame = make_frame(5, 0, size, surface="si111_7x7").measurement.z[0].astype(np.float32)
@@ -150,5 +150,6 @@ def bench_infer(engine_name: str = "model", sizes: tuple[int, ...] = (128, 256, 
         ms = np.array(times) * 1000
         results[str(size)] = {"p50_ms": round(float(np.percentile(ms, 50)), 2),
                               "p99_ms": round(float(np.percentile(ms, 99)), 2)}
-    return {"benchmark": "infer", "machine": machine(), "engine": engine.name, "threads": threads,
+    return {"benchmark": "infer", "machine": machine(), "engine": engine.name,
+            "backend": getattr(engine, "backend", "-"), "threads": threads,
             "plan": "lines:4", "batch": 1, "latency": results}

@@ -188,7 +188,15 @@ def cmd_bench_sim(args: argparse.Namespace) -> int:
 def cmd_bench_infer(args: argparse.Namespace) -> int:
     from stm_live.bench import bench_infer
 
-    _print_json(bench_infer(args.engine, tuple(args.sizes), args.repeats, args.threads), args.json)
+    _print_json(bench_infer(args.engine, tuple(args.sizes), args.repeats, args.threads, args.backend), args.json)
+    return 0
+
+
+def cmd_engines(args: argparse.Namespace) -> int:
+    from stm_live.engines.runners import describe_backends
+
+    for row in describe_backends():
+        print(f"{row['backend']:<12} {'yes' if row['available'] else 'no ':<4} {row['detail']}")
     return 0
 
 
@@ -308,11 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench_sim)
     b = bench.add_parser("infer", help="reconstruction latency per frame at batch 1")
     b.add_argument("--engine", default="model")
+    b.add_argument("--backend", default="auto", help="for the model: auto, torch-cuda, onnxruntime, torch-cpu")
     b.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
     b.add_argument("--repeats", type=int, default=30)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--json", help="write the result here too")
     b.set_defaults(func=cmd_bench_infer)
+
+    p = sub.add_parser("engines", help="list the model's inference backends here, and why any is missing")
+    p.set_defaults(func=cmd_engines)
 
     p = sub.add_parser("config", help="print the resolved settings as TOML")
     p.set_defaults(func=cmd_config)

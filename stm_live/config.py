@@ -43,6 +43,7 @@ class DaemonSettings(_Section):
     record_dir: str = Field("recordings", description="directory for raw-line journals and per-scan HDF5 files")
     export_hdf5: bool = Field(True, description="write <uid>.h5 from each finished scan's journal")
     engine: str = Field("classical", description="classical, model, linear, biharmonic; 'none' publishes raw frames only")
+    engine_backend: str = Field("auto", description="for the model: auto, torch-cuda, onnxruntime or torch-cpu")
     engine_threads: int = Field(1, ge=1, description="CPU threads a learned engine may use (ingest keeps the rest)")
     reconstruct_every_lines: int = Field(16, ge=0, description="progressive reconstruction cadence; 0 = at scan end only")
     heartbeat_interval_s: float = Field(1.0, gt=0)

@@ -64,7 +64,7 @@ class Daemon:
         self.assembler = FrameAssembler(cfg.max_active_scans)
         self.recorder = Recorder(cfg.record_dir, max_open=cfg.max_active_scans) if cfg.record_dir else None
         self.exporter: ExportProcess | None = None
-        self.scheduler = ReconstructionScheduler(create_engine(cfg.engine, cfg.engine_threads), self._send_from_worker)
+        self.scheduler = ReconstructionScheduler(create_engine(cfg.engine, cfg.engine_threads, cfg.engine_backend), self._send_from_worker)
         self.drops = DropLog()
         self.counters = dict.fromkeys(
             ("received", "recorded", "record_errors", "lines", "scans_started", "scans_completed",

@@ -153,10 +153,14 @@ def test_training_is_deterministic_and_resumes_exactly(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_model_engine_falls_back_to_classical_when_it_cannot_load(monkeypatch, caplog):
-    import stm_live.engines.torch_model as tm
+def test_model_engine_falls_back_to_classical_when_no_backend_loads(monkeypatch, caplog):
+    from stm_live.engines import runners
 
-    monkeypatch.setattr(tm, "load_model", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("no weights")))
+    def broken(self):
+        raise FileNotFoundError("no weights")
+
+    for runner in (runners.TorchRunner, runners.OnnxRuntimeRunner):
+        monkeypatch.setattr(runner, "activate", broken)
     engine = create_engine("model")
     assert isinstance(engine, ClassicalReconstructor) and "falling back to classical" in caplog.text
 
@@ -172,3 +176,35 @@ def test_eval_reports_model_and_baselines(tmp_path, held_out):
     assert entry["gain_db_over_best_baseline"] == pytest.approx(
         entry["model"]["psnr"] - max(v["psnr"] for v in entry["baselines"].values()), abs=1e-3)
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def test_backends_agree_and_a_failing_backend_hands_over_without_losing_the_frame(held_out, monkeypatch, caplog):
+    from stm_live.engines.runners import OnnxRuntimeRunner
+
+    frame = held_out[0]
+    mask = parse_plan("lines:4").mask(*frame.shape)
+    ort_engine = ModelReconstructor(backend="onnxruntime", threads=2)
+    torch_engine = ModelReconstructor(backend="torch-cpu", threads=2)
+    assert ort_engine.backend == "onnxruntime-cpu" and torch_engine.backend == "torch-cpu"
+    a = reconstruct_exact(ort_engine, frame[None], mask[None])
+    b = reconstruct_exact(torch_engine, frame[None], mask[None])
+    assert np.abs(a.images - b.images).max() < 1e-4 * np.ptp(frame)
+    assert np.allclose(a.uncertainty, b.uncertainty, rtol=1e-3, atol=1e-6 * np.ptp(frame))
+
+    monkeypatch.setattr(OnnxRuntimeRunner, "infer", lambda self, batch: (_ for _ in ()).throw(RuntimeError("gone")))
+    failing = ModelReconstructor(backend="onnxruntime", threads=2)
+    c = reconstruct_exact(failing, frame[None], mask[None])
+    assert failing.backend == "torch-cpu" and "switching to the next one" in caplog.text
+    assert np.abs(c.images - b.images).max() < 1e-6 * np.ptp(frame)
+
+
+def test_engines_command_lists_backends_and_reasons():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "stm_live", "--log-level", "ERROR", "engines"],
+                         capture_output=True, text=True, timeout=120)
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()}
+    assert set(rows) == {"torch-cuda", "onnxruntime", "torch-cpu", "tensorrt"}
+    assert " yes " in rows["onnxruntime"] and " yes " in rows["torch-cpu"]
+    assert "tensorrt" in rows and " no " in rows["tensorrt"]
