@@ -150,6 +150,12 @@ class FrameAssembler:
             raise AssemblyError("unknown_scan", f"scan_end for scan {msg.uid} without scan_start")
         return self.finish(msg.uid, msg.reason)
 
+    def restore(self, state: ScanState) -> None:
+        """Take back a scan rebuilt from its journal (a restarted daemon resuming it)."""
+        if state.uid in self.scans:
+            raise AssemblyError("duplicate_scan_start", f"scan {state.uid} is already open")
+        self.scans[state.uid] = state
+
     def finish(self, uid: str, reason: str) -> ScanState:
         """Close a scan (at its end, on eviction or at shutdown) and hand it back."""
         state = self.scans.pop(uid)

@@ -18,7 +18,7 @@ import zmq
 from stm_live.assembly import AssemblyError, FrameAssembler, ScanState
 from stm_live.config import Settings
 from stm_live.engines import create_engine
-from stm_live.export import ExportProcess
+from stm_live.export import ExportProcess, interrupted_scans
 from stm_live.protocol import (
     INSTRUMENT_TYPES,
     Decoder,
@@ -77,6 +77,7 @@ class Daemon:
         self._results_endpoint = f"inproc://stm-live-results-{id(self)}"
         self._worker_socket: zmq.Socket | None = None
         self._heartbeat_seq = 0
+        self._resumed: dict[str, float] = {}
 
     # -- life cycle -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -106,6 +107,7 @@ class Daemon:
             self.scheduler.start()
             if self.recorder is not None and cfg.export_hdf5:
                 self.exporter = ExportProcess()
+            self._resume()
             log.info("daemon: input %s, output %s, engine %s, recording to %s",
                      cfg.input, cfg.output, self.scheduler.method, cfg.record_dir or "(off)")
             self.state = "idle"
@@ -128,6 +130,30 @@ class Daemon:
                 sock.close()
             log.info("daemon stopped: %s", self.counters)
 
+    def _resume(self) -> None:
+        """Reopen the scans a killed daemon left open, from their journals."""
+        if self.recorder is None:
+            return
+        for state in interrupted_scans(self.recorder.directory):
+            for frames in state.directions.values():
+                frames.last_line_time = time.perf_counter()
+            self.assembler.restore(state)
+            self._resumed[state.uid] = time.monotonic() + self.settings.daemon.resume_timeout_s
+            self.counters["scans_resumed"] = self.counters.get("scans_resumed", 0) + 1
+            log.warning("resumed scan %s from its journal: %d lines so far", state.uid, state.lines)
+
+    def _expire_resumed(self) -> None:
+        """A resumed scan that stays silent was interrupted for good: close it as aborted."""
+        now = time.monotonic()
+        for uid, deadline in list(self._resumed.items()):
+            if uid not in self.assembler.scans:
+                del self._resumed[uid]
+            elif now >= deadline:
+                del self._resumed[uid]
+                log.warning("resumed scan %s received nothing for %.0f s; closing it as aborted",
+                            uid, self.settings.daemon.resume_timeout_s)
+                self._finish_scan(self.assembler.finish(uid, "aborted"))
+
     def _serve(self, sub: zmq.Socket, pub: zmq.Socket, results: zmq.Socket) -> None:
         cfg = self.settings.daemon
         poller = zmq.Poller()
@@ -141,6 +167,7 @@ class Daemon:
                 self._heartbeat_seq += 1
                 next_heartbeat = now + cfg.heartbeat_interval_s
             if now >= next_status:
+                self._expire_resumed()
                 self._publish_status(pub)
                 next_status = now + cfg.status_interval_s
             wait_ms = max(0, int(1000 * (min(next_heartbeat, next_status, now + 0.2) - now)))
@@ -214,6 +241,8 @@ class Daemon:
 
     def _on_line(self, msg: Line, received: float) -> None:
         state, frames = self.assembler.add_line(msg, received)
+        if self._resumed:
+            self._resumed.pop(msg.uid, None)
         self.counters["lines"] += 1
         every = self.settings.daemon.reconstruct_every_lines
         if every and frames.lines_since_publish >= every:

@@ -39,6 +39,26 @@ def replay_journal(path: str | Path, decoder: Decoder | None = None) -> list[Sca
     return finished
 
 
+def interrupted_scans(directory: str | Path) -> list[ScanState]:
+    """Scans a previous daemon left open: journals without an HDF5 file whose last scan never ended.
+
+    They come back ready to take more lines (end reason cleared), so a restarted daemon resumes them.
+    """
+    open_scans = []
+    for journal in sorted(Path(directory).glob("*.journal")):
+        if journal.with_suffix(".h5").exists():
+            continue
+        try:
+            scans = replay_journal(journal)
+        except Exception as exc:
+            log.error("cannot replay %s to resume it (%s); its lines stay in the journal", journal, exc)
+            continue
+        if scans and scans[-1].end_reason == "incomplete":
+            scans[-1].end_reason = None
+            open_scans.append(scans[-1])
+    return open_scans
+
+
 def export_journal(path: str | Path, end_reason: str | None = None) -> Path | None:
     """Write `<uid>.h5` beside the journal from its last scan; None if it holds no scan_start."""
     path = Path(path)

@@ -84,3 +84,66 @@ def test_recorder_keeps_a_bounded_number_of_files_open(tmp_path):
     rec.close()
     assert len(list(read_journal(rec.journal_path("a")))) == 2
     assert os.path.getsize(rec.journal_path("c")) > 0
+
+
+def _start_daemon(instrument, output, record, *extra_env):
+    import os
+    env = dict(os.environ, STM_LIVE_DAEMON__RESUME_TIMEOUT_S="1.5", STM_LIVE_DAEMON__STATUS_INTERVAL_S="0.2")
+    return subprocess.Popen([sys.executable, "-m", "stm_live", "--log-level", "WARNING", "run", "--input", instrument,
+                             "--output", output, "--record", str(record)], env=env)
+
+
+def test_restarted_daemon_resumes_the_interrupted_scan(tmp_path):
+    import h5py
+
+    record = tmp_path / "rec"
+    instrument, output = free_tcp_endpoint(), free_tcp_endpoint()
+    context = zmq.Context()
+    pub = InstrumentPublisher(instrument, "test", context=context)
+    frame = make_frame(32, 16)
+    daemon = _start_daemon(instrument, output, record)
+    try:
+        assert pub.wait_for_subscriber(30)
+        pub.scan_start(scan_start("resumed", rows=32, cols=16))
+        for row in range(12):
+            pub.line("resumed", row, "forward", CHANNELS, [frame[row], frame[row]])
+        journal = record / "resumed.journal"
+        wait_for(lambda: len(journal_lines(journal)) == 12, 30, "12 recorded lines")
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(10)
+        pub.subscriptions.clear()
+        daemon = _start_daemon(instrument, output, record)
+        assert pub.wait_for_subscriber(30)
+        time.sleep(0.3)
+        for row in range(12, 32):
+            pub.line("resumed", row, "forward", CHANNELS, [frame[row], frame[row]])
+        pub.scan_end("resumed")
+        h5 = record / "resumed.h5"
+        wait_for(h5.exists, 60, "HDF5 of the resumed scan")
+        with h5py.File(h5) as f:
+            assert f.attrs["end_reason"] == "complete"
+            assert np.array_equal(f["forward/Z"][()], frame) and f["forward/measured"][()].all()
+    finally:
+        daemon.kill()
+        pub.close(linger_s=0)
+        context.term()
+
+
+def test_a_resumed_scan_that_stays_silent_is_closed_as_aborted(tmp_path):
+    import h5py
+
+    record = tmp_path / "rec"
+    rec = Recorder(record)
+    frame = make_frame(8, 8)
+    rec.record([("silent", encode(scan_start("silent", rows=8, cols=8)))] +
+               [("silent", encode(Line("silent", r, r, "forward", 0.0, ("Z", "Current"), (frame[r], frame[r]))))
+                for r in range(3)], time.time())
+    rec.close()
+    daemon = _start_daemon(free_tcp_endpoint(), free_tcp_endpoint(), record)
+    try:
+        h5 = record / "silent.h5"
+        wait_for(h5.exists, 60, "HDF5 of the aborted scan")
+        with h5py.File(h5) as f:
+            assert f.attrs["end_reason"] == "aborted" and f["forward/measured"][()].sum() == 24
+    finally:
+        daemon.kill()
