@@ -42,7 +42,6 @@ class FollowedScan:
     buffer: Buffer
     up: bool
     row_step: int
-    rows_total: int
     line_time_s: float
     sent: dict[str, set[int]] = field(default_factory=lambda: {"forward": set(), "backward": set()})
     planned_rows: int = 0
@@ -145,8 +144,7 @@ class NanonisDriver:
         line_time = speed.forward_line_time_s + speed.backward_line_time_s
         uid = f"nanonis-{time.strftime('%Y%m%d-%H%M%S')}-{self.scans_published:04d}"
         planned = (plan.row_order(rows_total, cols_total, "up" if up else "down")).size
-        self.scan = FollowedScan(uid, buffer.channels, infos, buffer, up, step, rows_total, line_time,
-                                 planned_rows=planned)
+        self.scan = FollowedScan(uid, buffer.channels, infos, buffer, up, step, line_time, planned_rows=planned)
         self.publisher.scan_start(ScanStart(
             uid=uid, instrument=self.instrument, channels=infos, rows=rows_total, cols=cols_total,
             size_nm=(frame.width_m * 1e9, frame.height_m * 1e9), scan_direction="up" if up else "down",

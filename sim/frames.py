@@ -8,7 +8,7 @@ import numpy as np
 
 from stm_live.sim import tip as tips
 from stm_live.sim.render import Canvas
-from stm_live.sim.scan import SCENARIOS, Measurement, ScanSettings, TipScenario, measure, random_scenario, random_settings
+from stm_live.sim.scan import Measurement, ScanSettings, TipScenario, measure, random_scenario, random_settings
 from stm_live.sim.surfaces import BIAS_V, FRAME_NM, SURFACES, Topography
 
 REFERENCE_RESOLUTION_NM = 0.03
@@ -90,5 +90,3 @@ def simulate_frame(spec: FrameSpec, rng: np.random.Generator) -> SimFrame:
     clean = canvas.crop(tips.image(topo, tips.Tip("good", REFERENCE_RESOLUTION_NM))).astype(np.float32)
     return SimFrame(spec, measurement, clean, topo)
 
-
-__all__ = ["SCENARIOS", "FrameSpec", "SimFrame", "random_spec", "simulate_frame"]

@@ -9,7 +9,7 @@ are refused with an AssemblyError naming the reason. Non-finite values are left 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -48,7 +48,6 @@ class ScanState:
     lines: int = 0
     out_of_order: int = 0
     end_reason: str | None = None
-    line_log: list[tuple[int, int, str, float, float]] = field(default_factory=list)
 
     @property
     def uid(self) -> str:
@@ -141,7 +140,6 @@ class FrameAssembler:
         else:
             state.last_seq = msg.seq
         state.lines += 1
-        state.line_log.append((msg.seq, row, msg.direction, msg.t, received))
         self.scans.move_to_end(msg.uid)
         return state, frames
 

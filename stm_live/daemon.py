@@ -68,7 +68,7 @@ class Daemon:
         self.drops = DropLog()
         self.counters = dict.fromkeys(
             ("received", "recorded", "record_errors", "lines", "scans_started", "scans_completed",
-             "scans_aborted", "out_of_order", "missing_lines", "heartbeats_in"), 0)
+             "scans_aborted", "scans_resumed", "out_of_order", "missing_lines", "heartbeats_in"), 0)
         self.instrument_seen: dict[str, float] = {}
         self.state = "starting"
         self.record_error: str | None = None
@@ -139,7 +139,7 @@ class Daemon:
                 frames.last_line_time = time.perf_counter()
             self.assembler.restore(state)
             self._resumed[state.uid] = time.monotonic() + self.settings.daemon.resume_timeout_s
-            self.counters["scans_resumed"] = self.counters.get("scans_resumed", 0) + 1
+            self.counters["scans_resumed"] += 1
             log.warning("resumed scan %s from its journal: %d lines so far", state.uid, state.lines)
 
     def _expire_resumed(self) -> None:

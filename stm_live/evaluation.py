@@ -79,11 +79,13 @@ def evaluate(paths: list[str], plan: str, model: Any | None, plot: str | None = 
         images.append(entry)
         rows_for_plot.append((Path(path).name, result))
     summary: dict[str, Any] = {"plan": plan, "images": len(images)}
-    for key in ["model", *BASELINES]:
-        values = [e["model"] if key == "model" else e["baselines"][key] for e in images if key != "model" or "model" in e]
-        if values:
-            summary[key] = {"psnr": round(float(np.mean([v["psnr"] for v in values])), 3),
-                            "ssim": round(float(np.mean([v["ssim"] for v in values])), 4)}
+    by_method: dict[str, list[dict]] = {}
+    for entry in images:
+        for method, score in {**entry["baselines"], **({"model": entry["model"]} if "model" in entry else {})}.items():
+            by_method.setdefault(method, []).append(score)
+    for method, scores in by_method.items():
+        summary[method] = {"psnr": round(float(np.mean([s["psnr"] for s in scores])), 3),
+                           "ssim": round(float(np.mean([s["ssim"] for s in scores])), 4)}
     if plot:
         _plot(rows_for_plot, plan, plot)
     return {"images": images, "summary": summary}

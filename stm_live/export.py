@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -20,23 +21,34 @@ from stm_live.recorder import read_journal, write_scan_h5
 log = logging.getLogger(__name__)
 
 
-def replay_journal(path: str | Path, decoder: Decoder | None = None) -> list[ScanState]:
+@dataclass
+class ReplayedScan:
+    """A scan rebuilt from its journal, with one record per line placed in its frames."""
+
+    state: ScanState
+    lines: list[tuple[int, int, str, float, float]] = field(default_factory=list)
+
+
+def replay_journal(path: str | Path, decoder: Decoder | None = None) -> list[ReplayedScan]:
     """Every scan in a journal, assembled exactly as the daemon assembled it."""
     assembler = FrameAssembler(max_active_scans=1_000_000)
-    finished: list[ScanState] = []
+    open_scans: dict[str, ReplayedScan] = {}
+    finished: list[ReplayedScan] = []
     for entry in read_journal(path, decoder):
         msg = entry.message
         try:
             if isinstance(msg, ScanStart):
-                assembler.start(msg)
+                open_scans[msg.uid] = ReplayedScan(assembler.start(msg)[0])
             elif isinstance(msg, Line):
                 assembler.add_line(msg, entry.received_unix)
+                open_scans[msg.uid].lines.append((msg.seq, msg.row, msg.direction, msg.t, entry.received_unix))
             elif isinstance(msg, ScanEnd):
-                finished.append(assembler.end(msg))
+                assembler.end(msg)
+                finished.append(open_scans.pop(msg.uid))
         except AssemblyError as exc:
             log.debug("%s: %s (as in the daemon, not assembled)", path, exc)
-    finished.extend(assembler.close_all("incomplete"))
-    return finished
+    assembler.close_all("incomplete")
+    return finished + list(open_scans.values())
 
 
 def interrupted_scans(directory: str | Path) -> list[ScanState]:
@@ -53,9 +65,9 @@ def interrupted_scans(directory: str | Path) -> list[ScanState]:
         except Exception as exc:
             log.error("cannot replay %s to resume it (%s); its lines stay in the journal", journal, exc)
             continue
-        if scans and scans[-1].end_reason == "incomplete":
-            scans[-1].end_reason = None
-            open_scans.append(scans[-1])
+        if scans and scans[-1].state.end_reason == "incomplete":
+            scans[-1].state.end_reason = None
+            open_scans.append(scans[-1].state)
     return open_scans
 
 
@@ -66,12 +78,12 @@ def export_journal(path: str | Path, end_reason: str | None = None) -> Path | No
     if not scans:
         log.warning("journal %s holds no scan_start; nothing to export", path)
         return None
-    state = scans[-1]
-    if state.end_reason == "incomplete" and end_reason:
-        state.end_reason = end_reason
+    scan = scans[-1]
+    if scan.state.end_reason == "incomplete" and end_reason:
+        scan.state.end_reason = end_reason
     out = path.with_suffix(".h5")
     tmp = path.with_suffix(".h5.tmp")
-    write_scan_h5(state, tmp)
+    write_scan_h5(scan.state, tmp, scan.lines)
     os.replace(tmp, out)
     return out
 

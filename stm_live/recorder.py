@@ -78,7 +78,12 @@ class Recorder:
             os.close(self._fds.popitem()[1])
 
 
-def write_scan_h5(state: ScanState, path: str | Path) -> None:
+LINE_RECORD = np.dtype([("seq", "<i8"), ("row", "<i4"), ("direction", "S8"), ("t_instrument", "<f8"),
+                        ("t_received", "<f8")])
+
+
+def write_scan_h5(state: ScanState, path: str | Path, lines: list[tuple[int, int, str, float, float]]) -> None:
+    """The assembled scan and one record per placed line (seq, row, direction, times)."""
     start = state.start
     with h5py.File(path, "w") as h5:
         attrs = h5.attrs
@@ -101,12 +106,7 @@ def write_scan_h5(state: ScanState, path: str | Path) -> None:
                 ds = group.create_dataset(channel.name, data=image)
                 ds.attrs["unit"] = channel.unit
                 ds.attrs["unmeasured"] = "NaN"
-        log_rows = np.array(
-            state.line_log,
-            dtype=[("seq", "<i8"), ("row", "<i4"), ("direction", "S8"), ("t_instrument", "<f8"),
-                   ("t_received", "<f8")],
-        )
-        h5.create_dataset("lines", data=log_rows)
+        h5.create_dataset("lines", data=np.array(lines, dtype=LINE_RECORD))
 
 
 @dataclass(frozen=True)

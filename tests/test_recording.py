@@ -46,7 +46,8 @@ def test_sigkill_mid_scan_keeps_every_received_line(tmp_path):
         for m in lines:
             assert np.array_equal(m.arrays[0], frame[m.row]) and np.array_equal(m.arrays[1], frame[m.row] * 3)
         (scan,) = replay_journal(journal)
-        assert scan.end_reason == "incomplete" and scan.directions["forward"].rows_seen.sum() == 40
+        assert scan.state.end_reason == "incomplete" and scan.state.directions["forward"].rows_seen.sum() == 40
+        assert [line[1] for line in scan.lines] == list(range(40))
         assert not (record / "killed.h5").exists()
         exported = export_journal(journal, "aborted")
         assert exported.exists()
