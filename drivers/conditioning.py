@@ -18,6 +18,22 @@ log = logging.getLogger(__name__)
 ACTIONS = {"bias_pulse": ("bias_v", "width_s"), "dip": ("depth_nm", "bias_v")}
 
 
+def parse_action(text: str) -> dict:
+    """'bias_pulse bias_v=3 width_s=0.02' -> {"action": "bias_pulse", "bias_v": 3.0, "width_s": 0.02}."""
+    name, *pairs = text.split()
+    if name not in ACTIONS:
+        raise ValueError(f"unknown action {name!r}; allowed: {', '.join(ACTIONS)}")
+    request: dict = {"action": name}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in ACTIONS[name]:
+            raise ValueError(f"{name} takes {', '.join(ACTIONS[name])}; got {pair!r}")
+        request[key] = float(value)
+    if set(request) != {"action", *ACTIONS[name]}:
+        raise ValueError(f"{name} needs {', '.join(ACTIONS[name])}")
+    return request
+
+
 @dataclass(frozen=True)
 class ConditioningLimits:
     max_bias_v: float = 4.0
@@ -66,9 +82,10 @@ class ConditioningGate:
             return f"dip depth {values['depth_nm']} nm outside (0, {lim.max_dip_nm}] nm"
         return None
 
-    def tip_shaper_values(self, request: dict) -> dict[str, float]:
-        """TipShaper.PropsSet values for a controlled dip of the requested depth (metres, seconds)."""
-        depth_m = request["depth_nm"] * 1e-9
-        return {"switch_off_delay_s": 0.05, "change_bias": 1, "bias_v": request["bias_v"], "tip_lift_m": -depth_m,
-                "lift_time_1_s": 0.1, "bias_lift_v": request["bias_v"], "settling_time_s": 0.05,
-                "lift_height_m": depth_m, "lift_time_2_s": 0.1, "end_wait_s": 0.05, "restore_feedback": 1}
+
+def tip_shaper_values(request: dict) -> dict[str, float]:
+    """TipShaper.PropsSet values for a controlled dip of the requested depth (metres, seconds)."""
+    depth_m = request["depth_nm"] * 1e-9
+    return {"switch_off_delay_s": 0.05, "change_bias": 1, "bias_v": request["bias_v"], "tip_lift_m": -depth_m,
+            "lift_time_1_s": 0.1, "bias_lift_v": request["bias_v"], "settling_time_s": 0.05,
+            "lift_height_m": depth_m, "lift_time_2_s": 0.1, "end_wait_s": 0.05, "restore_feedback": 1}

@@ -11,7 +11,8 @@ on a real controller for the backward trace).
 Sparse plans are set with `Scan.BufferSet`: `lines:K` scans the same frame with 1/K of the lines,
 `sr:K` with 1/K of the lines and pixels, `partial:N` stops the scan after N lines. A lost
 connection ends the open scan as aborted; the driver reconnects and follows the next scan.
-Conditioning requests are checked against the configured limits here, in the driver, whatever
+Conditioning requests arrive on the driver's own action channel (drivers/actions.py), polled
+between steps, and are checked against the configured limits here, in the driver, whatever
 asked for them.
 """
 
@@ -25,9 +26,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stm_live.drivers.conditioning import ConditioningGate
+from stm_live.drivers.actions import ActionServer
+from stm_live.drivers.conditioning import ConditioningGate, tip_shaper_values
 from stm_live.drivers.nanonis_client import Buffer, NanonisClient, NanonisError
 from stm_live.drivers.publisher import InstrumentPublisher
+from stm_live.security import LOOPBACK_ONLY, Security
 from stm_live.plans import PlanError, parse_plan
 from stm_live.protocol import ChannelInfo, ScanStart
 
@@ -61,7 +64,8 @@ def _has_data(frame: np.ndarray) -> np.ndarray:
 class NanonisDriver:
     def __init__(self, client: NanonisClient, publisher: InstrumentPublisher, *, plan: str = "full",
                  start_scans: bool = False, scan_up: bool = False, poll_s: float = 0.05, reconnect_s: float = 1.0,
-                 gate: ConditioningGate | None = None, instrument: str = "nanonis") -> None:
+                 gate: ConditioningGate | None = None, actions_endpoint: str = "", instrument: str = "nanonis",
+                 security: Security = LOOPBACK_ONLY) -> None:
         self.client = client
         self.publisher = publisher
         self.plan = parse_plan(plan)
@@ -71,7 +75,8 @@ class NanonisDriver:
         self.scan_up = scan_up
         self.poll_s = poll_s
         self.reconnect_s = reconnect_s
-        self.gate = gate
+        self.actions = (ActionServer(actions_endpoint, gate, self.execute, security=security)
+                        if gate and actions_endpoint else None)
         self.instrument = instrument
         self.scan: FollowedScan | None = None
         self.wait_end_of_line: bool | None = None
@@ -82,6 +87,8 @@ class NanonisDriver:
     # -- main loop ---------------------------------------------------------------------------
     def run(self, should_stop: Callable[[], bool] = lambda: False, max_scans: int | None = None) -> None:
         while not should_stop() and (max_scans is None or self.scans_published < max_scans):
+            if self.actions is not None:
+                self.actions.poll()
             try:
                 self.step()
             except ConnectionError as exc:
@@ -91,6 +98,8 @@ class NanonisDriver:
                 time.sleep(self.poll_s)
         if self.scan is not None:
             self._end("aborted")
+        if self.actions is not None:
+            self.actions.close()
 
     def step(self) -> None:
         """One round: open a scan if one is running (or start one), else follow the open scan."""
@@ -217,17 +226,10 @@ class NanonisDriver:
         self.scans_published += 1
 
     # -- conditioning ------------------------------------------------------------------------
-    def condition(self, request: dict, origin: str) -> dict:
-        """Check a conditioning request against the limits, then run it (or only log it in dry run)."""
-        if self.gate is None:
-            return {"accepted": False, "reason": "conditioning is not enabled for this driver"}
-        verdict = self.gate.check(request, origin)
-        if not verdict["accepted"] or verdict["dry_run"]:
-            return verdict
+    def execute(self, request: dict) -> None:
+        """Run a request the action server's gate has accepted: Bias.Pulse or the tip shaper."""
         if request["action"] == "bias_pulse":
             self.client.bias_pulse(request["width_s"], request["bias_v"], wait=True, z_hold=1, mode=1)
         else:
-            self.client.tip_shaper_props_set(self.gate.tip_shaper_values(request))
+            self.client.tip_shaper_props_set(tip_shaper_values(request))
             self.client.tip_shaper_start(wait=True)
-        verdict["executed"] = True
-        return verdict

@@ -10,6 +10,7 @@ import numpy as np
 import zmq
 
 from stm_live.protocol import ChannelInfo, Heartbeat, Line, ScanEnd, ScanStart, Truth, encode
+from stm_live.security import LOOPBACK_ONLY, Security
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +23,12 @@ class InstrumentPublisher:
     """
 
     def __init__(self, endpoint: str, source: str, context: zmq.Context | None = None,
-                 sndhwm: int = 1_000_000) -> None:
+                 sndhwm: int = 1_000_000, security: Security = LOOPBACK_ONLY) -> None:
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.XPUB)
         self.socket.setsockopt(zmq.SNDHWM, sndhwm)
         self.socket.setsockopt(zmq.LINGER, 2000)
-        self.socket.bind(endpoint)
+        security.bind(self.socket, endpoint)
         self.source = source
         self.subscriptions: set[bytes] = set()
         self._seq: dict[str, int] = {}

@@ -5,6 +5,12 @@ backward line per row, one row per line time), then scan_end, with heartbeats. B
 of a frame it publishes, on the `truth` topic, what a full scan would have recorded (`Z`,
 `Current`), the ideal topography (`clean`) and the per-line tip-state labels (`tip_state`), so
 demos and tests can score themselves.
+
+With the `episode` tip, one tip lives on from frame to frame: a good tip may degrade during a
+frame and stays degraded until conditioned. Conditioning requests arrive on the action channel
+(drivers/actions.py), are checked against the instrument's limits, and an executed one ends the
+current frame (the instrument moves on to a fresh area, as a user would after a pulse) and
+restores, blunts, multiplies or leaves the tip with the configured chances.
 """
 
 from __future__ import annotations
@@ -12,14 +18,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import zmq
 
+from stm_live.drivers.actions import ActionServer
+from stm_live.drivers.conditioning import ConditioningGate
 from stm_live.drivers.publisher import InstrumentPublisher
 from stm_live.plans import parse_plan
 from stm_live.protocol import ChannelInfo, ScanStart
+from stm_live.security import LOOPBACK_ONLY, Security
+from stm_live.sim import tip as tips
 from stm_live.sim.frames import SimFrame, random_spec, simulate_frame
+from stm_live.sim.scan import acquisition_rows, episode_scenario, tip_at
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +48,10 @@ class SimInstrument:
 
     def __init__(self, endpoint: str, *, size: int = 256, plan: str = "lines:4", line_rate_hz: float = 0.0,
                  seed: int = 0, surface: str = "si111_7x7", tip: str = "good", frame_nm: float = 0.0,
-                 bias_v: float | None = None, artefacts: bool = True, context: zmq.Context | None = None) -> None:
-        self.publisher = InstrumentPublisher(endpoint, source="stm-live-sim", context=context)
+                 bias_v: float | None = None, artefacts: bool = True, context: zmq.Context | None = None,
+                 actions: str = "", gate: ConditioningGate | None = None, degrade_probability: float = 0.3,
+                 pulse_outcomes: Sequence[float] = (0.55, 0.15, 0.15, 0.15), security: Security = LOOPBACK_ONLY) -> None:
+        self.publisher = InstrumentPublisher(endpoint, source="stm-live-sim", context=context, security=security)
         self.plan = parse_plan(plan)
         self.size = size
         self.line_rate_hz = line_rate_hz
@@ -47,12 +61,42 @@ class SimInstrument:
         self.frame_nm = frame_nm or None
         self.bias_v = bias_v
         self.artefacts = artefacts
+        self.tip_rng = np.random.default_rng([seed, 1_000])
+        self.episode_tip = tips.good_tip(self.tip_rng) if tip == "episode" else None
+        self.degrade_probability = degrade_probability
+        self.pulse_outcomes = np.asarray(pulse_outcomes, float) / np.sum(pulse_outcomes)
+        self.actions = ActionServer(actions, gate, self._condition, context, security) if actions and gate else None
+        self.conditioned: list[dict] = []
+        self._scanning: tuple[SimFrame, int] | None = None
+        self._interrupted = False
 
     def frame(self, index: int) -> SimFrame:
         rng = np.random.default_rng([self.seed, index])
-        spec = random_spec(rng, self.size, surface=self.surface, scenario=self.tip, frame_nm=self.frame_nm,
+        scenario = "good" if self.episode_tip is not None else self.tip
+        spec = random_spec(rng, self.size, surface=self.surface, scenario=scenario, frame_nm=self.frame_nm,
                            bias_v=self.bias_v, artefacts=self.artefacts)
+        if self.episode_tip is not None:
+            spec = replace(spec, scenario=episode_scenario(self.episode_tip, self.size, self.tip_rng,
+                                                           self.degrade_probability, spec.frame_nm))
+            self.episode_tip = spec.scenario.segments[-1].tip
         return simulate_frame(spec, rng)
+
+    def _condition(self, request: dict) -> None:
+        """An accepted action on the episode tip: a new tip from the next frame on."""
+        if self.episode_tip is None:
+            raise RuntimeError("this simulated instrument has no episode tip to condition")
+        current = self.episode_tip
+        if self._scanning is not None:
+            frame, index = self._scanning
+            current = tip_at(frame.spec.scenario, index)
+        outcome = str(self.tip_rng.choice(["restored", "blunt", "multi", "unchanged"], p=self.pulse_outcomes))
+        makers = {"restored": tips.good_tip, "blunt": tips.blunt_tip, "multi": tips.multi_tip}
+        self.episode_tip = makers[outcome](self.tip_rng) if outcome in makers else current
+        self.conditioned.append({"request": dict(request), "before": current.state, "outcome": outcome,
+                                 "after": self.episode_tip.state})
+        self._interrupted = True
+        log.warning("simulated tip conditioned by %s: %s -> %s (%s)", request, current.state,
+                    self.episode_tip.state, outcome)
 
     def run(self, frames: int, wait_subscriber_s: float = 10.0, should_stop: Callable[[], bool] = lambda: False,
             wait_topics: Sequence[str] = ("line",)) -> int:
@@ -86,8 +130,13 @@ class SimInstrument:
         start = time.perf_counter()
         next_heartbeat = start
         sent = 0
+        acquired = np.argsort(acquisition_rows(self.size, direction))
+        self._interrupted = False
         for i, row in enumerate(self.plan.row_order(self.size, self.size, direction)):
-            if should_stop():
+            if self.actions is not None:
+                self._scanning = (frame, int(acquired[row]))
+                self.actions.poll()
+            if should_stop() or self._interrupted:
                 pub.scan_end(uid, "aborted")
                 return sent
             delay = start + i * period - time.perf_counter()
@@ -104,4 +153,6 @@ class SimInstrument:
         return sent
 
     def close(self) -> None:
+        if self.actions is not None:
+            self.actions.close()
         self.publisher.close()

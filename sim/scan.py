@@ -89,6 +89,24 @@ def random_scenario(name: str, rows: int, rng: np.random.Generator, frame_nm: fl
     raise ValueError(f"unknown tip scenario {name!r}; expected one of {SCENARIOS}")
 
 
+def episode_scenario(tip: Tip, rows: int, rng: np.random.Generator, degrade_probability: float,
+                     frame_nm: float = 10.0) -> TipScenario:
+    """One frame of a tip that lives on between frames: a good tip degrades (blunt or multi) at a
+    random row with `degrade_probability`; a degraded one stays as it is until conditioned."""
+    if tip.state != "good" or rng.random() >= degrade_probability:
+        return TipScenario(tip.state, (TipSegment(0, tip),))
+    after = tips.TIP_MAKERS[str(rng.choice(["blunt", "multi"]))](rng, frame_nm=frame_nm)
+    at = int(rng.integers(rows // 5, 4 * rows // 5))
+    step = float(rng.choice([-1, 1]) * rng.uniform(0.05, 0.3))
+    return TipScenario("change", (TipSegment(0, tip), TipSegment(at, after, height_step_nm=step,
+                                                               streak_lines=int(rng.integers(1, 5)))))
+
+
+def tip_at(scenario: TipScenario, index: int) -> Tip:
+    """The tip scanning the index-th acquired row."""
+    return [s.tip for s in scenario.segments if s.start <= index][-1]
+
+
 def random_settings(rng: np.random.Generator, rows: int, pixel_nm: float) -> ScanSettings:
     """Artefact strengths drawn from ranges seen on room- and low-temperature instruments."""
     line_time = float(rng.uniform(0.05, 0.5))

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stm_live.protocol import TIP_STATES
 from stm_live.sim.surfaces import Topography
 
 KAPPA_PER_NM = 10.0
-TIP_STATES = ("good", "blunt", "multi", "unstable", "changed")
 STATE_CODE = {name: code for code, name in enumerate(TIP_STATES)}
 
 GOOD_RESOLUTION_NM = (0.02, 0.08)

@@ -153,3 +153,91 @@ def bench_infer(engine_name: str = "model", sizes: tuple[int, ...] = (128, 256, 
     return {"benchmark": "infer", "machine": machine(), "engine": engine.name,
             "backend": getattr(engine, "backend", "-"), "threads": threads,
             "plan": "lines:4", "batch": 1, "latency": results}
+
+
+def bench_tip(cols: int = 512, rows: int = 512, hop: int = 2, threads: int = 1) -> dict[str, Any]:
+    """The tip monitor's cost per line: features on every row, the classifier every `hop` rows,
+    on simulated Si(111)-7x7 rows of `cols` pixels (forward and backward traces)."""
+    import torch
+
+    from stm_live.sim.frames import random_spec, simulate_frame
+    from stm_live.tip.classifier import TipClassifier
+    from stm_live.tip.monitor import TipMonitor
+
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    z = simulate_frame(random_spec(rng, cols, surface="si111_7x7", scenario="good"), rng).measurement.z
+    monitor = TipMonitor(TipClassifier(), hop=hop)
+    per_row = []
+    for repeat in range(max(1, rows // cols)):
+        uid = f"bench-{repeat}"
+        monitor.start_scan(uid, 20.0 / cols, ("forward", "backward"))
+        for row in range(cols):
+            started = time.perf_counter()
+            monitor.add_line(uid, row, "forward", z[0, row])
+            monitor.add_line(uid, row, "backward", z[1, row])
+            per_row.append(time.perf_counter() - started)
+        monitor.end_scan(uid)
+    per_line_ms = np.asarray(per_row) * 1e3 / 2
+    return {"benchmark": "tip", "cols": cols, "rows": len(per_row), "hop": hop, "torch_threads": threads,
+            "windows": monitor.counters["tip_windows"],
+            "per_line_ms": {"mean": round(float(per_line_ms.mean()), 4),
+                            "p50": round(float(np.percentile(per_line_ms, 50)), 4),
+                            "p99": round(float(np.percentile(per_line_ms, 99)), 4)},
+            "machine": machine()}
+
+
+def bench_view(rate: float = 10_000.0, cols: int = 256, seconds: float = 20.0) -> dict[str, Any]:
+    """The daemon with and without a live viewer attached, at `rate` lines/s of `cols` pixels.
+
+    Each run: the daemon (classical engine, a reconstruction every 16 lines) fed by a sender
+    process; in the second run a `stm-live view` process (offscreen) subscribes too and reports
+    its render rate and memory. The daemon's reconstruction latency and drops are compared.
+    """
+    import json
+    import subprocess
+    import sys
+
+    lines = int(rate * seconds)
+    runs: dict[str, Any] = {}
+    for attached in (False, True):
+        endpoint, output = free_tcp_endpoint(), free_tcp_endpoint()
+        with tempfile.TemporaryDirectory(prefix="stm-live-bench-view-") as work:
+            cfg = Settings()
+            cfg.daemon.input, cfg.daemon.output, cfg.daemon.record_dir = endpoint, output, work
+            cfg.daemon.export_hdf5 = False
+            context = zmq.Context()
+            daemon = Daemon(cfg, context)
+            thread = threading.Thread(target=daemon.run, name="bench-daemon")
+            thread.start()
+            daemon.wait_ready(30)
+            viewer = None
+            stats = Path(work) / "viewer.json"
+            if attached:
+                viewer = subprocess.Popen([sys.executable, "-m", "stm_live", "--log-level", "WARNING", "view",
+                                           "--connect", output, "--offscreen", "--stats", str(stats)])
+                time.sleep(5.0)
+            sent = mp.get_context("spawn").Value("q", 0)
+            sender = mp.get_context("spawn").Process(target=_send_lines, args=(endpoint, lines, cols, 2, rate, sent))
+            started = time.perf_counter()
+            sender.start()
+            sender.join(seconds * 5 + 60)
+            while daemon.counters["lines"] < lines and not _idle_for(daemon, 2.0):
+                pass
+            elapsed = time.perf_counter() - started
+            time.sleep(1.0)
+            latency = daemon.scheduler.latency.summary()
+            if viewer is not None:
+                viewer.terminate()
+                viewer.wait(60)
+            daemon.stop()
+            thread.join(60)
+            context.term()
+            runs["with_viewer" if attached else "without_viewer"] = {
+                "lines_received": daemon.counters["lines"], "lines_offered": int(sent.value),
+                "seconds": round(elapsed, 2), "frames_published": daemon.scheduler.counters["frames_published"],
+                "reconstruction_latency_ms": {k: round(v * 1e3, 2) for k, v in latency.items() if k != "n"},
+                "dropped": sum(daemon.drops.counts.values()),
+                **({"viewer": json.loads(stats.read_text())} if attached and stats.exists() else {}),
+            }
+    return {"benchmark": "view", "rate": rate, "cols": cols, "seconds": seconds, **runs, "machine": machine()}

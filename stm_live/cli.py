@@ -11,10 +11,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from stm_live.config import ConfigError, Settings, load_settings, settings_as_toml
+from stm_live.security import SecurityError
 
 
 def _settings(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> Settings:
     return load_settings(args.config, overrides)
+
+
+def _security(settings: Settings):
+    from stm_live.security import from_settings
+
+    return from_settings(settings.security.curve, settings.security.keys_dir)
 
 
 def _print_json(result: dict[str, Any], path: str | None) -> None:
@@ -47,15 +54,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_sim(args: argparse.Namespace) -> int:
     from stm_live.sim.instrument import SimInstrument
 
-    s = _settings(args, {"sim": {
+    settings = _settings(args, {"sim": {
         "bind": args.bind, "frames": args.frames, "size": args.size, "plan": args.plan,
         "line_rate_hz": args.line_rate, "seed": args.seed, "wait_topics": args.wait_topic,
         "surface": args.surface, "tip": args.tip, "frame_nm": args.frame_nm,
-    }}).sim
+    }})
+    s = settings.sim
     stopping = []
     _stop_on_signals(lambda: stopping.append(True))
     instrument = SimInstrument(s.bind, size=s.size, plan=s.plan, line_rate_hz=s.line_rate_hz, seed=s.seed,
-                               surface=s.surface, tip=s.tip, frame_nm=s.frame_nm, artefacts=s.artefacts)
+                               surface=s.surface, tip=s.tip, frame_nm=s.frame_nm, artefacts=s.artefacts,
+                               actions=settings.conditioning.endpoint if s.tip == "episode" else "",
+                               gate=_gate(settings), degrade_probability=s.degrade_probability,
+                               pulse_outcomes=s.pulse_outcomes, security=_security(settings))
     try:
         sent = instrument.run(s.frames, s.wait_subscriber_s, lambda: bool(stopping), s.wait_topics)
     finally:
@@ -83,20 +94,30 @@ def cmd_sim_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_drive_nanonis(args: argparse.Namespace) -> int:
+def _gate(settings: Settings):
+    """The driver-side limits for conditioning requests; None when conditioning is off."""
     from stm_live.drivers.conditioning import ConditioningGate, ConditioningLimits
+
+    c = settings.conditioning
+    if not c.enabled:
+        return None
+    return ConditioningGate(ConditioningLimits(c.max_bias_v, c.max_pulse_width_s, c.max_dip_nm, c.min_interval_s,
+                                               c.dry_run))
+
+
+def cmd_drive_nanonis(args: argparse.Namespace) -> int:
     from stm_live.drivers.nanonis import NanonisDriver
     from stm_live.drivers.nanonis_client import NanonisClient
     from stm_live.drivers.publisher import InstrumentPublisher
 
     settings = _settings(args, {"nanonis": {"host": args.host, "port": args.port, "bind": args.bind,
                                             "plan": args.plan, "start_scans": args.start or None}})
-    n, c = settings.nanonis, settings.conditioning
-    gate = ConditioningGate(ConditioningLimits(c.max_bias_v, c.max_pulse_width_s, c.max_dip_nm, c.min_interval_s,
-                                               c.dry_run)) if c.enabled else None
-    publisher = InstrumentPublisher(n.bind, source="nanonis")
+    n = settings.nanonis
+    security = _security(settings)
+    publisher = InstrumentPublisher(n.bind, source="nanonis", security=security)
     driver = NanonisDriver(NanonisClient(n.host, n.port, n.timeout_s), publisher, plan=n.plan,
-                           start_scans=n.start_scans, poll_s=n.poll_s, reconnect_s=n.reconnect_s, gate=gate)
+                           start_scans=n.start_scans, poll_s=n.poll_s, reconnect_s=n.reconnect_s,
+                           gate=_gate(settings), actions_endpoint=settings.conditioning.endpoint, security=security)
     stopping: list[bool] = []
     _stop_on_signals(lambda: stopping.append(True))
     try:
@@ -111,8 +132,9 @@ def cmd_drive_replay(args: argparse.Namespace) -> int:
     from stm_live.drivers.replay import ReplayDriver
     from stm_live.drivers.scanfiles import ScanFileError
 
-    r = _settings(args, {"replay": {"bind": args.bind, "line_rate_hz": args.line_rate, "plan": args.plan}}).replay
-    publisher = InstrumentPublisher(r.bind, source="replay")
+    settings = _settings(args, {"replay": {"bind": args.bind, "line_rate_hz": args.line_rate, "plan": args.plan}})
+    r = settings.replay
+    publisher = InstrumentPublisher(r.bind, source="replay", security=_security(settings))
     stopping: list[bool] = []
     _stop_on_signals(lambda: stopping.append(True))
     try:
@@ -130,10 +152,25 @@ def cmd_drive_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.what == "tip":
+        return _train_tip(args)
     from stm_live.models.training import TrainConfig, train
 
     summary = train(TrainConfig.from_toml(args.train_config), resume=not args.restart)
     _print_json(summary, None)
+    return 0
+
+
+def _train_tip(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from stm_live.tip.training import TipTrainConfig, train_tip
+
+    cfg = TipTrainConfig(**({"frames": args.frames} if args.frames else {}),
+                         **({"epochs": args.epochs} if args.epochs else {}))
+    with tqdm(total=cfg.frames + cfg.validation_frames, unit="frame", desc="simulating") as bar:
+        summary = train_tip(cfg, bar.update)
+    _print_json(summary, args.json)
     return 0
 
 
@@ -146,10 +183,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_tip(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from stm_live.tip.classifier import TipClassifier
+    from stm_live.tip.evaluation import evaluate_tip, monitor_scan_file, plot_scan_files
+
+    logging.getLogger("stm_live.tip.monitor").setLevel(logging.ERROR)
+    classifier = TipClassifier()
+    if args.real:
+        results = [monitor_scan_file(path, classifier, args.hop) for path in args.real]
+        if args.plot:
+            plot_scan_files(results, args.plot)
+        hidden = ("image", "state", "p_degraded")
+        _print_json({"scans": [{k: v for k, v in r.items() if k not in hidden} for r in results]}, args.json)
+        return 0
+    with tqdm(total=5 * args.episodes, unit="episode", desc="evaluating") as bar:
+        result = evaluate_tip(classifier, args.episodes, args.stride, args.hop, bar.update)
+    _print_json(result, args.json)
+    return 0
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    import os
+
+    stopping: list[bool] = []
+    _stop_on_signals(lambda: stopping.append(True))
+    if args.offscreen or not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    from stm_live.viewer.window import run_viewer
+
+    settings = _settings(args, {})
+    connect = args.connect or settings.daemon.output.replace("*", "127.0.0.1")
+    return run_viewer(connect, args.snapshots, args.every, args.seconds, args.stats, _security(settings),
+                      lambda: bool(stopping))
+
+
 def cmd_tap(args: argparse.Namespace) -> int:
     from stm_live.tap import tap, to_json
 
-    for summary in tap(args.connect, args.count, args.timeout, tuple(args.topic or [""])):
+    security = _security(_settings(args, {}))
+    for summary in tap(args.connect, args.count, args.timeout, tuple(args.topic or [""]), security=security):
         print(to_json(summary), flush=True)
     return 0
 
@@ -159,7 +233,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     settings = _settings(args, {"demo": {
         "frames": args.frames, "size": args.size, "plan": args.plan, "line_rate_hz": args.line_rate,
-        "seed": args.seed,
+        "seed": args.seed, "tip": args.tip, "view": args.view, "snapshot_dir": args.snapshots,
     }})
     summary = run_demo(settings, record_dir=args.record)
     print(format_summary(summary))
@@ -192,11 +266,32 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_tip(args: argparse.Namespace) -> int:
+    from stm_live.bench import bench_tip
+
+    _print_json(bench_tip(args.cols, args.rows, args.hop, args.threads), args.json)
+    return 0
+
+
+def cmd_bench_view(args: argparse.Namespace) -> int:
+    from stm_live.bench import bench_view
+
+    _print_json(bench_view(args.rate, args.cols, args.seconds), args.json)
+    return 0
+
+
 def cmd_engines(args: argparse.Namespace) -> int:
     from stm_live.engines.runners import describe_backends
 
     for row in describe_backends():
         print(f"{row['backend']:<12} {'yes' if row['available'] else 'no ':<4} {row['detail']}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from stm_live.security import generate_keys
+
+    _print_json(generate_keys(args.dir), None)
     return 0
 
 
@@ -268,9 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--wait-subscriber", type=float, default=10.0, help="seconds to wait for a subscriber")
     d.set_defaults(func=cmd_drive_replay)
 
-    p = sub.add_parser("train", help="train the reconstruction model (simulator data plus real scans)")
+    p = sub.add_parser("train", help="train the reconstruction model (default) or the tip classifier (`train tip`)")
+    p.add_argument("what", nargs="?", choices=("reconstruction", "tip"), default="reconstruction")
     p.add_argument("--train-config", help="TOML file overriding the training defaults (stm_live/models/training.py)")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--frames", type=int, help="tip: simulated training frames")
+    p.add_argument("--epochs", type=int, help="tip: training epochs")
+    p.add_argument("--json", help="tip: write the summary here too")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="PSNR/SSIM of the model and classical baselines on images")
@@ -280,6 +379,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a figure: original, measured, reconstructions, error maps")
     p.add_argument("--no-model", action="store_true", help="baselines only")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("eval-tip", help="`stm-live eval tip`: tip monitor AUROC, delay, false alerts on simulator episodes")
+    p.add_argument("--episodes", type=int, default=100, help="episodes per tip scenario")
+    p.add_argument("--stride", type=int, default=1, help="monitor every stride-th row (a lines:K scan)")
+    p.add_argument("--hop", type=int, default=2, help="classify every hop rows")
+    p.add_argument("--real", nargs="+", help="instead: run the monitor over these recorded scans (.sxm, .sm4, ...)")
+    p.add_argument("--plot", help="with --real: write a figure of the rows the monitor flags")
+    p.add_argument("--json", help="write the result here too")
+    p.set_defaults(func=cmd_eval_tip)
+
+    p = sub.add_parser("view", help="the live viewer: measured, reconstructed and uncertainty, tip state and alerts")
+    p.add_argument("--connect", help="the daemon's output endpoint (default: daemon.output)")
+    p.add_argument("--snapshots", help="write a PNG of the view to this directory every --every seconds")
+    p.add_argument("--every", type=float, default=3.0, help="seconds between snapshots")
+    p.add_argument("--seconds", type=float, help="quit after this many seconds")
+    p.add_argument("--offscreen", action="store_true", help="render without a display (implied when there is none)")
+    p.add_argument("--stats", help="at exit, write render rate and memory use as JSON here")
+    p.set_defaults(func=cmd_view)
 
     p = sub.add_parser("tap", help="print one JSON line per message on an endpoint")
     p.add_argument("--connect", required=True)
@@ -294,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan")
     p.add_argument("--line-rate", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--tip", help="simulated tip scenario: good, blunt, multi, unstable, change")
+    p.add_argument("--view", choices=("auto", "window", "snapshots", "off"), help="the live viewer (default: auto)")
+    p.add_argument("--snapshots", help="directory for headless viewer snapshots (default: demo-view)")
     p.add_argument("--record", help="keep the recording here (default: a temporary directory)")
     p.add_argument("--json", help="also write the summary as JSON")
     p.set_defaults(func=cmd_demo)
@@ -323,8 +443,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="write the result here too")
     b.set_defaults(func=cmd_bench_infer)
 
+    b = bench.add_parser("tip", help="tip monitor cost per line (features every row, classifier every hop rows)")
+    b.add_argument("--cols", type=int, default=512)
+    b.add_argument("--rows", type=int, default=1024)
+    b.add_argument("--hop", type=int, default=2)
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--json", help="write the result here too")
+    b.set_defaults(func=cmd_bench_tip)
+
+    b = bench.add_parser("view", help="daemon latency with and without the live viewer; the viewer's render rate and memory")
+    b.add_argument("--rate", type=float, default=10_000.0, help="lines/s offered")
+    b.add_argument("--cols", type=int, default=256)
+    b.add_argument("--seconds", type=float, default=20.0)
+    b.add_argument("--json", help="write the result here too")
+    b.set_defaults(func=cmd_bench_view)
+
     p = sub.add_parser("engines", help="list the model's inference backends here, and why any is missing")
     p.set_defaults(func=cmd_engines)
+
+    p = sub.add_parser("keys", help="CURVE key pairs for remote links (server, client, allow-list)")
+    p.add_argument("--dir", default="keys", help="where to write them (security.keys_dir)")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("config", help="print the resolved settings as TOML")
     p.set_defaults(func=cmd_config)
@@ -334,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     import zmq
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "tip"]:
+        argv[:2] = ["eval-tip"]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -344,6 +486,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except zmq.ZMQError as exc:
         print(f"stm-live: cannot use endpoint: {exc}", file=sys.stderr)
         return 3
+    except SecurityError as exc:
+        print(f"stm-live: {exc}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -74,11 +74,16 @@ class SimSettings(_Section):
     line_rate_hz: float = Field(0.0, ge=0, description="rows per second; 0 uses each simulated frame's own line time")
     seed: int = 0
     surface: str = Field("si111_7x7", description="one of the simulator's surfaces (docs/simulator.md)")
-    tip: str = Field("good", description="tip scenario: good, blunt, multi, unstable or change")
+    tip: str = Field("good", description="tip scenario: good, blunt, multi, unstable, change, or episode (one tip "
+                                         "that degrades over frames and answers conditioning actions)")
     frame_nm: float = Field(20.0, ge=0, description="frame edge length; 0 draws a typical size for the surface")
     artefacts: bool = Field(True, description="drift, creep, misalignment, noise and feedback ringing")
     wait_subscriber_s: float = Field(10.0, ge=0, description="wait this long for subscribers before scanning")
     wait_topics: list[str] = Field(["line"], description="topics that must have a subscriber before scanning")
+    degrade_probability: float = Field(0.3, ge=0, le=1, description="episode tip: chance a good tip degrades in a frame")
+    pulse_outcomes: list[float] = Field([0.55, 0.15, 0.15, 0.15], min_length=4, max_length=4,
+                                        description="episode tip: chances an action restores, blunts, multiplies, "
+                                                    "or leaves the tip")
 
 
     @field_validator("surface", "tip")
@@ -87,7 +92,7 @@ class SimSettings(_Section):
         from stm_live.sim.scan import SCENARIOS
         from stm_live.sim.surfaces import SURFACES
 
-        options = SURFACES if info.field_name == "surface" else SCENARIOS
+        options = SURFACES if info.field_name == "surface" else (*SCENARIOS, "episode")
         if value not in options:
             raise ValueError(f"unknown {info.field_name} {value!r}; expected one of {', '.join(options)}")
         return value
@@ -110,13 +115,45 @@ class ReplaySettings(_Section):
     plan: PlanText = "full"
 
 
+def _valid_action(value: str) -> str:
+    from stm_live.drivers.conditioning import parse_action
+
+    parse_action(value)
+    return value
+
+
 class ConditioningSettings(_Section):
     enabled: bool = Field(False, description="let tip-conditioning requests reach the instrument at all")
     dry_run: bool = Field(True, description="log accepted requests without executing them")
     max_bias_v: float = Field(4.0, gt=0, le=10.0)
     max_pulse_width_s: float = Field(0.05, gt=0, le=1.0)
     max_dip_nm: float = Field(1.0, gt=0, le=5.0)
-    min_interval_s: float = Field(10.0, ge=0)
+    min_interval_s: float = Field(10.0, ge=0, description="driver: least time between two executed actions")
+    endpoint: str = Field("tcp://127.0.0.1:5553", description="action channel: the driver binds, the daemon connects")
+    actions: list[Annotated[str, AfterValidator(_valid_action)]] = Field(
+        ["bias_pulse bias_v=2.0 width_s=0.01", "bias_pulse bias_v=3.0 width_s=0.02", "dip depth_nm=0.3 bias_v=0.05"],
+        min_length=1, description="daemon: actions tried in turn while the tip stays bad")
+    max_attempts: int = Field(5, ge=1, description="daemon: actions per degradation before it leaves it to the user")
+    recovery_windows: int = Field(8, ge=1, description="daemon: windows after an action before judging recovery")
+    request_timeout_s: float = Field(2.0, gt=0)
+
+
+class SecuritySettings(_Section):
+    curve: bool = Field(False, description="CURVE encryption and client allow-list on every socket; required to "
+                                           "bind anything but loopback")
+    keys_dir: str = Field("keys", description="key pairs from `stm-live keys`; allowed client keys in authorized/")
+
+
+class TipSettings(_Section):
+    enabled: bool = Field(True, description="score every line for tip degradation and publish tip/alert messages")
+    channel: str = Field("Z", description="height channel (unit m) the monitor reads")
+    hop: int = Field(2, ge=1, description="classify the window every hop rows")
+    enter: float = Field(0.9, gt=0, lt=1, description="P(degraded) the belief must reach to count against the tip")
+    leave: float = Field(0.3, gt=0, lt=1, description="P(degraded) below which a window counts for recovery")
+    confirm: int = Field(3, ge=1, description="windows in a row to confirm a degradation")
+    clear: int = Field(4, ge=1, description="windows in a row to confirm a recovery")
+    smoothing: float = Field(0.1, gt=0, le=1, description="weight of the newest window in the monitor's belief")
+    max_queued_lines: int = Field(4096, ge=16, description="lines waiting for the monitor; beyond, lines skip it")
 
 
 class DemoSettings(_Section):
@@ -125,6 +162,20 @@ class DemoSettings(_Section):
     plan: PlanText = "lines:4"
     line_rate_hz: float = Field(2000.0, gt=0)
     seed: int = 1
+    tip: str = Field("good", description="simulated tip scenario: good, blunt, multi, unstable or change")
+    view: Literal["auto", "window", "snapshots", "off"] = Field(
+        "auto", description="viewer: a window with a display, PNG snapshots without one (auto), or none")
+    snapshot_dir: str = Field("demo-view", description="where headless viewer snapshots go")
+    snapshot_every_s: float = Field(3.0, gt=0)
+
+    @field_validator("tip")
+    @classmethod
+    def _known_scenario(cls, value: str) -> str:
+        from stm_live.sim.scan import SCENARIOS
+
+        if value not in SCENARIOS:
+            raise ValueError(f"unknown tip scenario {value!r}; expected one of {', '.join(SCENARIOS)}")
+        return value
 
 
 class Settings(_Section):
@@ -134,6 +185,8 @@ class Settings(_Section):
     sim: SimSettings = SimSettings()
     nanonis: NanonisSettings = NanonisSettings()
     replay: ReplaySettings = ReplaySettings()
+    security: SecuritySettings = SecuritySettings()
+    tip: TipSettings = TipSettings()
     conditioning: ConditioningSettings = ConditioningSettings()
     demo: DemoSettings = DemoSettings()
 

@@ -2,9 +2,10 @@
 
 Data flows one way. The ingest thread receives a message, decodes it strictly, appends it to
 the scan's journal (before anything else happens to it), then routes it to the frame assembler;
-every `reconstruct_every_lines` lines and at scan end it hands a snapshot to the scheduler. The
-reconstruction worker sends finished frames back over an inproc socket, and the ingest thread,
-the only owner of the output socket, publishes them with heartbeats and status.
+every `reconstruct_every_lines` lines and at scan end it hands a snapshot to the scheduler, and
+every line to the tip monitor. The reconstruction and tip-monitor threads send their messages
+(frames; tip readings, alerts, actions) back over an inproc socket, and the ingest thread, the
+only owner of the output socket, publishes them with heartbeats and status.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from stm_live.export import ExportProcess, interrupted_scans
 from stm_live.protocol import (
     INSTRUMENT_TYPES,
     Decoder,
-    Frame,
     Heartbeat,
     Limits,
     Line,
+    Message,
     ProtocolError,
     ScanEnd,
     ScanStart,
@@ -34,6 +35,8 @@ from stm_live.protocol import (
 )
 from stm_live.recorder import Recorder
 from stm_live.scheduler import ReconstructionScheduler
+from stm_live.security import from_settings
+from stm_live.tip.service import TipService
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +63,14 @@ class Daemon:
         self.settings = settings
         cfg = settings.daemon
         self.context = context or zmq.Context.instance()
+        self.security = from_settings(settings.security.curve, settings.security.keys_dir)
         self.decoder = Decoder(Limits(**settings.limits.model_dump()))
         self.assembler = FrameAssembler(cfg.max_active_scans)
         self.recorder = Recorder(cfg.record_dir, max_open=cfg.max_active_scans) if cfg.record_dir else None
         self.exporter: ExportProcess | None = None
         self.scheduler = ReconstructionScheduler(create_engine(cfg.engine, cfg.engine_threads, cfg.engine_backend), self._send_from_worker)
+        self.tip = (TipService(settings.tip, settings.conditioning, self._send_from_worker, security=self.security)
+                    if settings.tip.enabled else None)
         self.drops = DropLog()
         self.counters = dict.fromkeys(
             ("received", "recorded", "record_errors", "lines", "scans_started", "scans_completed",
@@ -75,7 +81,8 @@ class Daemon:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._results_endpoint = f"inproc://stm-live-results-{id(self)}"
-        self._worker_socket: zmq.Socket | None = None
+        self._worker_sockets = threading.local()
+        self._all_worker_sockets: list[zmq.Socket] = []
         self._heartbeat_seq = 0
         self._resumed: dict[str, float] = {}
 
@@ -102,9 +109,11 @@ class Daemon:
             sock.setsockopt(zmq.LINGER, zcfg.linger_ms)
         try:
             results.bind(self._results_endpoint)
-            pub.bind(cfg.output)
-            sub.connect(cfg.input)
+            self.security.bind(pub, cfg.output)
+            self.security.connect(sub, cfg.input)
             self.scheduler.start()
+            if self.tip is not None:
+                self.tip.start()
             if self.recorder is not None and cfg.export_hdf5:
                 self.exporter = ExportProcess()
             self._resume()
@@ -118,16 +127,19 @@ class Daemon:
             for scan in self.assembler.close_all("aborted"):
                 self._finish_scan(scan)
             self.scheduler.close()
+            if self.tip is not None:
+                self.tip.close()
             self._forward(results, pub)
             self._publish_status(pub)
             if self.recorder:
                 self.recorder.close()
             if self.exporter is not None:
                 self.exporter.close()
-            if self._worker_socket is not None:
-                self._worker_socket.close()
+            for sock in self._all_worker_sockets:
+                sock.close()
             for sock in (sub, results, pub):
                 sock.close()
+            self.security.close()
             log.info("daemon stopped: %s", self.counters)
 
     def _resume(self) -> None:
@@ -238,12 +250,16 @@ class Daemon:
         if evicted is not None:
             log.warning("too many open scans: closing %s as aborted", evicted.uid)
             self._finish_scan(evicted)
+        if self.tip is not None:
+            self.tip.scan_started(state)
 
     def _on_line(self, msg: Line, received: float) -> None:
         state, frames = self.assembler.add_line(msg, received)
         if self._resumed:
             self._resumed.pop(msg.uid, None)
         self.counters["lines"] += 1
+        if self.tip is not None:
+            self.tip.line(state, msg)
         every = self.settings.daemon.reconstruct_every_lines
         if every and frames.lines_since_publish >= every:
             self.scheduler.submit_scan(state, msg.direction, frames, final=False)
@@ -256,18 +272,22 @@ class Daemon:
         self.counters["out_of_order"] += state.out_of_order
         self.counters["missing_lines"] += state.missing
         log.info("scan %s ended (%s): %d lines", state.uid, state.end_reason, state.lines)
+        if self.tip is not None:
+            self.tip.scan_ended(state.uid)
         if self.recorder is not None:
             self.recorder.close_scan(state.uid)
             if self.exporter is not None:
                 self.exporter.submit(self.recorder.journal_path(state.uid), state.end_reason or "aborted")
 
     # -- output path ------------------------------------------------------------------------
-    def _send_from_worker(self, frame: Frame) -> None:
-        """Called on the reconstruction thread only; it owns this socket."""
-        if self._worker_socket is None:
-            self._worker_socket = self.context.socket(zmq.PUSH)
-            self._worker_socket.connect(self._results_endpoint)
-        self._worker_socket.send_multipart(encode(frame), copy=False)
+    def _send_from_worker(self, msg: Message) -> None:
+        """Called on a worker thread (reconstruction, tip monitor); each has its own socket."""
+        sock = getattr(self._worker_sockets, "socket", None)
+        if sock is None:
+            sock = self._worker_sockets.socket = self.context.socket(zmq.PUSH)
+            sock.connect(self._results_endpoint)
+            self._all_worker_sockets.append(sock)
+        sock.send_multipart(encode(msg), copy=False)
 
     def _forward(self, results: zmq.Socket, pub: zmq.Socket) -> None:
         while True:
@@ -284,6 +304,8 @@ class Daemon:
             self.state = "acquiring" if self.assembler.scans else "idle"
         counters = dict(self.counters)
         counters.update(self.scheduler.counters)
+        if self.tip is not None:
+            counters.update(self.tip.all_counters())
         counters["dropped"] = sum(self.drops.counts.values())
         latency = {k: v for k, v in self.scheduler.latency.summary().items() if k != "n"}
         if self.record_error:

@@ -3,12 +3,14 @@
 The demo subscribes to the daemon's frames and status and to the simulator's `truth` topic,
 waits for every final frame, and reports line rate, reconstruction latency and the quality of
 the daemon's reconstruction, next to the classical one of the same measurement, against the frame
-a full scan would have measured (forward Z channel).
+a full scan would have measured (forward Z channel); and what the tip monitor said (readings,
+alerts) next to the simulator's own tip labels.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -25,7 +27,7 @@ from stm_live.config import Settings
 from stm_live.engines import Reconstructor, create_engine, reconstruct_exact
 from stm_live.engines.classical import ClassicalReconstructor
 from stm_live.metrics import quality
-from stm_live.protocol import Decoder, Frame, ProtocolError, Status, Truth
+from stm_live.protocol import TIP_STATES, Decoder, Frame, ProtocolError, Status, TipAlert, TipReport, Truth
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +51,31 @@ def run_demo(settings: Settings, record_dir: str | None = None, timeout_s: float
     record = record_dir or temp
     context = zmq.Context()
     frames_sock = context.socket(zmq.SUB)
-    for topic in (b"frame", b"status", b"heartbeat"):
+    for topic in (b"frame", b"status", b"heartbeat", b"tip", b"alert"):
         frames_sock.setsockopt(zmq.SUBSCRIBE, topic)
     frames_sock.connect(output)
     truth_sock = context.socket(zmq.SUB)
     truth_sock.setsockopt(zmq.SUBSCRIBE, b"truth")
     truth_sock.connect(instrument)
     daemon = subprocess.Popen(_cli("run", "--input", instrument, "--output", output, "--record", record))
+    view_mode = _view_mode(demo.view)
+    viewer = None
+    if view_mode == "window":
+        viewer = subprocess.Popen(_cli("view", "--connect", output))
+    elif view_mode == "snapshots":
+        for old in Path(demo.snapshot_dir).glob("view-*.png"):
+            old.unlink()
+        viewer = subprocess.Popen(_cli("view", "--connect", output, "--offscreen", "--snapshots", demo.snapshot_dir,
+                                       "--every", str(demo.snapshot_every_s)))
     sim = None
     decoder = Decoder()
     truths: dict[str, np.ndarray] = {}
     finals: dict[str, Frame] = {}
     status: Status | None = None
     latencies: list[float] = []
+    tip_states: dict[str, int] = {}
+    alerts: list[dict[str, Any]] = []
+    true_tip: dict[str, list[str]] = {}
     try:
         poller = zmq.Poller()
         poller.register(frames_sock, zmq.POLLIN)
@@ -77,14 +91,20 @@ def run_demo(settings: Settings, record_dir: str | None = None, timeout_s: float
                 except ProtocolError as exc:
                     log.warning("demo received an invalid message: %s", exc)
                     continue
-                if sim is None and msg.type == "heartbeat":
+                if sim is None and msg.type == "heartbeat" and _viewer_ready(view_mode, demo.snapshot_dir):
                     sim = subprocess.Popen(_cli(
                         "sim", "--bind", instrument, "--frames", str(demo.frames), "--size", str(demo.size),
                         "--plan", demo.plan, "--line-rate", str(demo.line_rate_hz), "--seed", str(demo.seed),
-                        "--wait-topic", "line", "--wait-topic", "truth"))
+                        "--wait-topic", "line", "--wait-topic", "truth", "--tip", demo.tip))
                 elif isinstance(msg, Truth):
                     started = started or time.monotonic()
                     truths[msg.uid] = msg.arrays[msg.channels.index(SCORED_CHANNEL)].copy()
+                    labels = msg.arrays[msg.channels.index("tip_state")]
+                    true_tip[msg.uid] = sorted({TIP_STATES[int(code)] for code in labels})
+                elif isinstance(msg, TipReport):
+                    tip_states[msg.state] = tip_states.get(msg.state, 0) + 1
+                elif isinstance(msg, TipAlert):
+                    alerts.append({"uid": msg.uid, "row": msg.row, "from": msg.previous, "to": msg.state})
                 elif isinstance(msg, Status):
                     status = msg
                     if finished is not None and msg.t > finished:
@@ -99,10 +119,11 @@ def run_demo(settings: Settings, record_dir: str | None = None, timeout_s: float
         if finished is None:
             raise TimeoutError(f"only {len(finals)} of {demo.frames} frames finished within {timeout_s:.0f} s")
     finally:
-        for proc in (sim, daemon):
+        closing = (sim, daemon, viewer if view_mode == "snapshots" else None)
+        for proc in closing:
             if proc is not None and proc.poll() is None:
                 proc.terminate()
-        for proc in (sim, daemon):
+        for proc in closing:
             if proc is not None:
                 proc.wait(timeout=30)
         frames_sock.close(0)
@@ -122,11 +143,25 @@ def run_demo(settings: Settings, record_dir: str | None = None, timeout_s: float
         "dropped": status.counters.get("dropped", 0) if status else None,
         "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 2), "p99": round(float(np.percentile(lat, 99)), 2),
                        "n": int(lat.size)} if lat.size else {},
+        "tip": {"simulated": demo.tip, "true_states": true_tip, "readings_by_state": tip_states, "alerts": alerts},
         "frames_scored": len(scores), "scores": scores,
         "mean": {key: {m: round(float(np.mean([sc[key][m] for sc in scores])), 4) for m in ("psnr_db", "ssim")}
                  for key in ("engine", "classical", "model")} if scores else {},
         "recording": str(Path(record_dir)) if record_dir else "(temporary, removed)",
+        "viewer": {"window": "a viewer window stays open", "snapshots": f"PNG snapshots in {demo.snapshot_dir}/",
+                   "off": "off"}[view_mode],
     }
+
+
+def _viewer_ready(view_mode: str, snapshot_dir: str) -> bool:
+    """Headless, the viewer's first snapshot says it is up and subscribed: scan only then."""
+    return view_mode != "snapshots" or (Path(snapshot_dir) / "view-0000.png").exists()
+
+
+def _view_mode(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "window" if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") else "snapshots"
 
 
 def _score(uid: str, frame: Frame, truth: np.ndarray, model: Reconstructor) -> dict[str, Any]:
@@ -159,5 +194,10 @@ def format_summary(s: dict[str, Any]) -> str:
         e, c, m = s["mean"]["engine"], s["mean"]["classical"], s["mean"]["model"]
         rows.append(f"  mean                daemon ({s['engine']}) {e['psnr_db']:.2f} dB / SSIM {e['ssim']:.4f}; "
                     f"classical {c['psnr_db']:.2f} dB; learned model {m['psnr_db']:.2f} dB / SSIM {m['ssim']:.4f}")
+    tip = s["tip"]
+    rows.append(f"  tip monitor         simulated tip '{tip['simulated']}'; readings by state {tip['readings_by_state']}; "
+                f"{len(tip['alerts'])} alert(s)")
+    rows.extend(f"    alert {a['uid']} row {a['row']}: {a['from']} -> {a['to']}" for a in tip["alerts"])
     rows.append(f"  recording           {s['recording']}")
+    rows.append(f"  viewer              {s['viewer']}")
     return "\n".join(rows)

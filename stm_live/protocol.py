@@ -155,9 +155,53 @@ class Truth:
     type = "truth"
 
 
-Message = Union[ScanStart, Line, ScanEnd, Heartbeat, Frame, Status, Truth]
+@dataclass(frozen=True)
+class TipReport:
+    """The tip monitor's reading of the window ending at `row`: published state and evidence."""
+
+    uid: str
+    row: int
+    rows_classified: int
+    state: str
+    probabilities: dict[str, float]
+    window_probabilities: dict[str, float]
+    features: dict[str, float]
+    t: float
+    type = "tip"
+
+
+@dataclass(frozen=True)
+class TipAlert:
+    """A confirmed change of the tip state, with what the user should do about it."""
+
+    uid: str
+    row: int
+    previous: str
+    state: str
+    probabilities: dict[str, float]
+    recommendation: str
+    t: float
+    type = "alert"
+
+
+@dataclass(frozen=True)
+class ActionReport:
+    """A tip-conditioning request and what became of it (`outcome`: requested, refused, executed,
+    dry_run, failed, recovered, not_recovered)."""
+
+    request: dict[str, Any]
+    origin: str
+    outcome: str
+    detail: str
+    t: float
+    type = "action"
+
+
+Message = Union[ScanStart, Line, ScanEnd, Heartbeat, Frame, Status, Truth, TipReport, TipAlert, ActionReport]
 INSTRUMENT_TYPES = ("scan_start", "line", "scan_end", "heartbeat")
-TYPES = INSTRUMENT_TYPES + ("frame", "status", "truth")
+TYPES = INSTRUMENT_TYPES + ("frame", "status", "truth", "tip", "alert", "action")
+TIP_STATES = ("good", "blunt", "multi", "unstable", "changed")
+ACTION_OUTCOMES = ("requested", "refused", "executed", "dry_run", "failed", "recovered", "not_recovered")
 
 
 def _array_spec(name: str, array: np.ndarray) -> dict[str, Any]:
@@ -202,6 +246,15 @@ def encode(msg: Message) -> list[Any]:
     elif isinstance(msg, Truth):
         header.update(uid=msg.uid, t=msg.t)
         arrays = list(zip(msg.channels, msg.arrays))
+    elif isinstance(msg, TipReport):
+        header.update(uid=msg.uid, row=msg.row, rows_classified=msg.rows_classified, state=msg.state,
+                      probabilities=msg.probabilities, window_probabilities=msg.window_probabilities,
+                      features=msg.features, t=msg.t)
+    elif isinstance(msg, TipAlert):
+        header.update(uid=msg.uid, row=msg.row, previous=msg.previous, state=msg.state,
+                      probabilities=msg.probabilities, recommendation=msg.recommendation, t=msg.t)
+    elif isinstance(msg, ActionReport):
+        header.update(request=msg.request, origin=msg.origin, outcome=msg.outcome, detail=msg.detail, t=msg.t)
     else:
         raise TypeError(f"not a protocol message: {type(msg).__name__}")
     contiguous = [np.ascontiguousarray(a) for _, a in arrays]
@@ -258,6 +311,16 @@ class _Fields:
         if not regex.match(value):
             raise ProtocolError("bad_field", f"{key!r}={value[:32]!r} has characters or a length not allowed")
         return value
+
+    def numbers(self, key: str, names: Sequence[str] | None = None) -> dict[str, float]:
+        """A map of names to finite numbers (all of `names`, exactly, when given)."""
+        value = self.get(key, dict)
+        if len(value) > 64 or not all(type(k) is str and isinstance(v, (int, float)) and not isinstance(v, bool)
+                                      and math.isfinite(v) for k, v in value.items()):
+            raise ProtocolError("bad_field", f"{key!r} must map names to finite numbers")
+        if names is not None and set(value) != set(names):
+            raise ProtocolError("bad_field", f"{key!r} must have exactly {list(names)}")
+        return {k: float(v) for k, v in value.items()}
 
     def size_nm(self) -> tuple[float, float]:
         size = self.get("size_nm", list)
@@ -432,6 +495,31 @@ class Decoder:
         if not arrays:
             raise ProtocolError("array_mismatch", "truth carries at least one array")
         return Truth(uid=f.pattern("uid", _UID), channels=tuple(names), arrays=tuple(arrays), t=f.number("t"))
+
+
+    def _tip(self, f: _Fields, names: list[str], arrays: list[np.ndarray]) -> TipReport:
+        _no_arrays(arrays)
+        return TipReport(uid=f.pattern("uid", _UID), row=f.count("row", 0, self.limits.max_rows - 1),
+                         rows_classified=f.count("rows_classified", 0, self.limits.max_rows),
+                         state=f.choice("state", TIP_STATES), probabilities=f.numbers("probabilities", TIP_STATES),
+                         window_probabilities=f.numbers("window_probabilities", TIP_STATES),
+                         features=f.numbers("features"), t=f.number("t"))
+
+    def _alert(self, f: _Fields, names: list[str], arrays: list[np.ndarray]) -> TipAlert:
+        _no_arrays(arrays)
+        return TipAlert(uid=f.pattern("uid", _UID), row=f.count("row", 0, self.limits.max_rows - 1),
+                        previous=f.choice("previous", TIP_STATES), state=f.choice("state", TIP_STATES),
+                        probabilities=f.numbers("probabilities", TIP_STATES),
+                        recommendation=f.get("recommendation", str)[:256], t=f.number("t"))
+
+    def _action(self, f: _Fields, names: list[str], arrays: list[np.ndarray]) -> ActionReport:
+        _no_arrays(arrays)
+        request = f.get("request", dict)
+        if len(request) > 8 or not all(type(k) is str for k in request):
+            raise ProtocolError("bad_field", "'request' must be a small map")
+        return ActionReport(request=request, origin=f.pattern("origin", _NAME),
+                            outcome=f.choice("outcome", ACTION_OUTCOMES), detail=f.get("detail", str)[:512],
+                            t=f.number("t"))
 
 
 def _no_arrays(arrays: list[np.ndarray]) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import zmq
 
 from stm_live.protocol import Decoder, Message, ProtocolError
+from stm_live.security import LOOPBACK_ONLY, Security
 
 _SKIP = {"arrays", "image", "mask", "uncertainty"}
 
@@ -34,14 +35,14 @@ def summarize(msg: Message) -> dict[str, Any]:
 
 
 def tap(endpoint: str, count: int | None = None, timeout_s: float | None = None, topics: tuple[str, ...] = ("",),
-        context: zmq.Context | None = None) -> Iterator[dict[str, Any]]:
+        context: zmq.Context | None = None, security: Security = LOOPBACK_ONLY) -> Iterator[dict[str, Any]]:
     """Yield summaries of messages published at `endpoint` until `count` or `timeout_s`."""
     context = context or zmq.Context.instance()
     sock = context.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     for topic in topics:
         sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
-    sock.connect(endpoint)
+    security.connect(sock, endpoint)
     decoder = Decoder()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     seen = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,6 +121,7 @@ def harness(settings) -> Iterator[Harness]:
 
 
 CHANNELS = (ChannelInfo("Z", "m", "float32"), ChannelInfo("Current", "A", "float32"))
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
 
 def scan_start(uid: str, rows: int = 32, cols: int = 32, plan: str = "full",

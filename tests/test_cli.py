@@ -35,7 +35,7 @@ def test_sim_and_tap_show_the_wire():
 def test_demo_reports_quality_and_latency(tmp_path):
     out_json = tmp_path / "demo.json"
     result = stm_live("demo", "--frames", "2", "--size", "128", "--line-rate", "1000", "--record", str(tmp_path / "rec"),
-                      "--json", str(out_json))
+                      "--json", str(out_json), "--view", "snapshots", "--snapshots", str(tmp_path / "view"))
     assert result.returncode == 0, result.stderr
     summary = json.loads(out_json.read_text())
     assert summary["frames_scored"] == 2 and summary["dropped"] == 0
@@ -47,6 +47,8 @@ def test_demo_reports_quality_and_latency(tmp_path):
     assert summary["latency_ms"]["p50"] > 0
     assert "dB" in result.stdout and "lines/s" in result.stdout
     assert len(list((tmp_path / "rec").glob("*.journal"))) == 2
+    assert (tmp_path / "view" / "view-last.png").stat().st_size > 10_000
+    assert summary["tip"]["simulated"] == "good" and summary["tip"]["true_states"]
 
 
 def test_bench_ingest_counts_every_line():

@@ -6,7 +6,6 @@ import socket
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import nanonispy2
 import numpy as np
@@ -14,7 +13,8 @@ import pytest
 import zmq
 
 from stm_live.demo import free_tcp_endpoint
-from stm_live.drivers.conditioning import ConditioningGate, ConditioningLimits
+from stm_live.drivers.actions import ActionClient, ActionError
+from stm_live.drivers.conditioning import ConditioningGate, ConditioningLimits, parse_action
 from stm_live.drivers.nanonis import NanonisDriver
 from stm_live.drivers.nanonis_client import Buffer, Frame, NanonisClient
 from stm_live.drivers.nanonis_wire import NanonisError, NanonisProtocolError, Reader, Writer, pack_header, unpack_header
@@ -24,7 +24,8 @@ from stm_live.drivers.scanfiles import ScanFileError, read_scan_file
 from stm_live.protocol import Decoder, Line, ScanEnd, ScanStart
 from stm_live.sim.nanonis_emulator import NanonisEmulator
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+from conftest import REAL
+
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason="real scans not found at ../shared/data/real")
 
 
@@ -245,11 +246,25 @@ def test_driver_follows_a_scan_the_user_started(emulator, wire):
 
 # -- conditioning ---------------------------------------------------------------------------
 
+def ask(driver: NanonisDriver, request, origin: str = "test") -> dict:
+    """Send one request over the driver's action channel (real REQ/REP sockets) and let it answer."""
+    client = ActionClient(driver.actions.socket.getsockopt_string(zmq.LAST_ENDPOINT), timeout_s=5)
+    replies = []
+    thread = threading.Thread(target=lambda: replies.append(client.request(request, origin)))
+    thread.start()
+    while thread.is_alive():
+        driver.actions.poll(50)
+    client.close()
+    return replies[0]
+
+
 def test_conditioning_limits_rate_and_dry_run(emulator, wire):
     clock = [100.0]
     gate = ConditioningGate(ConditioningLimits(max_bias_v=3.0, max_pulse_width_s=0.05, max_dip_nm=1.0,
                                                min_interval_s=10.0, dry_run=False), clock=lambda: clock[0])
-    driver = NanonisDriver(NanonisClient(emulator.host, emulator.port), wire.publisher, gate=gate)
+    driver = NanonisDriver(NanonisClient(emulator.host, emulator.port), wire.publisher, gate=gate,
+                           actions_endpoint="tcp://127.0.0.1:*")
+    driver.client.connect()
     refused = [
         {"action": "bias_pulse", "bias_v": 5.0, "width_s": 0.01},
         {"action": "bias_pulse", "bias_v": 2.0, "width_s": 0.5},
@@ -257,26 +272,44 @@ def test_conditioning_limits_rate_and_dry_run(emulator, wire):
         {"action": "dip", "depth_nm": 3.0, "bias_v": 1.0},
         {"action": "crash", "bias_v": 1.0},
         {"action": "bias_pulse", "bias_v": 2.0, "width_s": 0.01, "extra": 1},
+        ["not", "a", "map"],
     ]
     for request in refused:
-        assert not driver.condition(request, "test")["accepted"]
+        assert ask(driver, request)["outcome"] == "refused"
     assert emulator.actions == []
-    done = driver.condition({"action": "bias_pulse", "bias_v": -2.5, "width_s": 0.01}, "monitor")
-    assert done["accepted"] and done["executed"]
+    done = ask(driver, {"action": "bias_pulse", "bias_v": -2.5, "width_s": 0.01}, "monitor")
+    assert done["outcome"] == "executed"
     assert emulator.actions[-1] == ("Bias.Pulse", pytest.approx({"width_s": 0.01, "bias_v": -2.5, "z_hold": 1, "mode": 1}))
-    too_soon = driver.condition({"action": "dip", "depth_nm": 0.5, "bias_v": 1.0}, "monitor")
-    assert not too_soon["accepted"] and "rate limit" in too_soon["reason"]
+    too_soon = ask(driver, {"action": "dip", "depth_nm": 0.5, "bias_v": 1.0}, "monitor")
+    assert too_soon["outcome"] == "refused" and "rate limit" in too_soon["detail"]
     clock[0] += 11
-    dip = driver.condition({"action": "dip", "depth_nm": 0.5, "bias_v": 1.0}, "monitor")
-    assert dip["executed"] and emulator.actions[-1][0] == "TipShaper.Start"
+    assert ask(driver, {"action": "dip", "depth_nm": 0.5, "bias_v": 1.0}, "monitor")["outcome"] == "executed"
+    assert emulator.actions[-1][0] == "TipShaper.Start"
     assert emulator.actions[-2][1]["lift_height_m"] == pytest.approx(0.5e-9)
+    assert [entry["origin"] for entry in gate.log][-3:] == ["monitor"] * 3
+    driver.actions.close()
     dry = NanonisDriver(NanonisClient(emulator.host, emulator.port), wire.publisher,
-                        gate=ConditioningGate(ConditioningLimits(dry_run=True)))
+                        gate=ConditioningGate(ConditioningLimits(dry_run=True)), actions_endpoint="tcp://127.0.0.1:*")
     before = len(emulator.actions)
-    verdict = dry.condition({"action": "bias_pulse", "bias_v": 1.0, "width_s": 0.01}, "user")
-    assert verdict["accepted"] and not verdict["executed"] and len(emulator.actions) == before
-    assert NanonisDriver(NanonisClient(emulator.host, emulator.port), wire.publisher).condition(
-        {"action": "bias_pulse", "bias_v": 1.0, "width_s": 0.01}, "user")["accepted"] is False
+    assert ask(dry, {"action": "bias_pulse", "bias_v": 1.0, "width_s": 0.01}, "user")["outcome"] == "dry_run"
+    assert len(emulator.actions) == before
+    dry.actions.close()
+    assert NanonisDriver(NanonisClient(emulator.host, emulator.port), wire.publisher,
+                         actions_endpoint="tcp://127.0.0.1:*").actions is None
+
+
+def test_action_client_times_out_without_a_driver():
+    client = ActionClient(free_tcp_endpoint(), timeout_s=0.2)
+    with pytest.raises(ActionError, match="no reply"):
+        client.request({"action": "bias_pulse", "bias_v": 1.0, "width_s": 0.01}, "test")
+    client.close()
+
+
+def test_parse_action_accepts_only_complete_known_actions():
+    assert parse_action("bias_pulse bias_v=-3 width_s=0.02") == {"action": "bias_pulse", "bias_v": -3.0, "width_s": 0.02}
+    for bad in ("zap bias_v=1", "bias_pulse bias_v=1", "dip depth_nm=1 bias_v=1 width_s=2", "dip depth_nm"):
+        with pytest.raises(ValueError):
+            parse_action(bad)
 
 
 # -- files and replay -----------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """The learned reconstruction: architecture, shipped weights, engine, stochastic mode, ONNX, training."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from stm_live.models.weights import DEFAULT_WEIGHTS
 from stm_live.plans import parse_plan
 from stm_live.sim.dataset import make_frame
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from stm_live.protocol import (
-    SCHEMA_VERSION, Decoder, Frame, Heartbeat, Limits, Line, ProtocolError, ScanEnd,
-    ScanStart, Status, Truth, encode,
+    SCHEMA_VERSION, TIP_STATES, ActionReport, Decoder, Frame, Heartbeat, Limits, Line, ProtocolError, ScanEnd,
+    ScanStart, Status, TipAlert, TipReport, Truth, encode,
 )
 
 from conftest import CHANNELS, scan_start
@@ -54,6 +54,9 @@ def test_every_type_round_trips():
         Status("stm-live", "idle", "classical", {"lines": 3}, {"bad_header": 1}, {"p50": 0.01}, ("a",),
                {"sim": 0.5}, 4.0),
         Truth("scan-1", ("Z",), (img,), 5.0),
+        TipReport("scan-1", 40, 24, "blunt", PROBABILITIES, PROBABILITIES, {"step": 0.5}, 6.0),
+        TipAlert("scan-1", 40, "good", "blunt", PROBABILITIES, "pulse it", 7.0),
+        ActionReport({"action": "bias_pulse", "bias_v": 2.0, "width_s": 0.01}, "monitor", "executed", "ok", 8.0),
     ]
     for msg in msgs:
         out = d.decode(wire(msg))
@@ -66,6 +69,23 @@ def test_every_type_round_trips():
                 assert all(np.array_equal(x, y) for x, y in zip(a, b))
             else:
                 assert a == b, name
+
+
+PROBABILITIES = {"good": 0.1, "blunt": 0.7, "multi": 0.1, "unstable": 0.05, "changed": 0.05}
+
+
+@pytest.mark.parametrize("msg, changes", [
+    (TipReport("s", 1, 1, "good", PROBABILITIES, PROBABILITIES, {}, 0.0), {"state": "dirty"}),
+    (TipReport("s", 1, 1, "good", PROBABILITIES, PROBABILITIES, {}, 0.0), {"probabilities": {"good": 1.0}}),
+    (TipReport("s", 1, 1, "good", PROBABILITIES, PROBABILITIES, {}, 0.0), {"features": {"step": float("inf")}}),
+    (TipAlert("s", 1, "good", "multi", PROBABILITIES, "", 0.0), {"previous": 3}),
+    (ActionReport({}, "monitor", "executed", "", 0.0), {"outcome": "exploded"}),
+    (ActionReport({}, "monitor", "executed", "", 0.0), {"request": {str(i): i for i in range(20)}}),
+])
+def test_tip_messages_are_validated(msg, changes):
+    with pytest.raises(ProtocolError):
+        Decoder().decode(with_header(wire(msg), **changes))
+    assert set(PROBABILITIES) == set(TIP_STATES)
 
 
 def test_header_carries_version_and_array_layout():

@@ -14,6 +14,8 @@ from stm_live.sim.scan import ScanSettings, TipScenario, TipSegment, _flicker, f
 from stm_live.sim.surfaces import SURFACES, Steps, Topography, surface_state_k
 from stm_live.sim.tip import Tip
 
+from conftest import REAL
+
 QUIET = ScanSettings(white_noise_nm=0.0, flicker_noise_nm=0.0, feedback_period_px=2.0, feedback_damping=0.9,
                      current_noise=0.0)
 HEX = np.sqrt(3) / 2
@@ -290,7 +292,6 @@ def test_terraces_step_by_the_monatomic_height(surface, height):
     assert abs(np.median(above) - np.median(below)) == pytest.approx(height, rel=0.08)
 
 
-REAL = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
 
 @pytest.mark.skipif(not (REAL / "Si_7x7_051.sxm").exists(), reason="real scans not found at ../shared/data/real")

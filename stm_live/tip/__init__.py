@@ -1,0 +1,1 @@
+"""Tip-degradation monitoring: physical line features, a learned window classifier, alerts."""

@@ -1,0 +1,82 @@
+"""The learned tip classifier: a small CNN over a window of recent rows plus their physical features.
+
+Input: the last WINDOW_ROWS rows in acquisition order (forward and backward trace, each line
+detrended, the window scaled by its typical line spread) and a summary of their physical
+features (newest row, window mean, window maximum). Output: probabilities for the simulator's
+tip states (good, blunt, multi, unstable, changed). The image branch sees what features alone
+miss (doubled motifs of a multi-apex tip, broadened atoms); the feature branch carries absolute
+scales the normalised image has lost (height steps, noise in nm, pixel size).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from stm_live.protocol import TIP_STATES
+from stm_live.tip.features import N_FEATURES, detrend
+
+WINDOW_ROWS = 32
+CLIP = 8.0
+DEFAULT_WEIGHTS = Path(__file__).with_name("weights") / "tip_classifier.safetensors"
+
+
+def window_image(forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
+    """(rows, cols) forward and backward heights -> the network's (2, rows, cols) float32 input."""
+    stacked = detrend(np.stack([forward, backward]).astype(np.float64))
+    scale = float(np.median(stacked.std(axis=-1))) + 1e-9
+    return np.clip(stacked / scale, -CLIP, CLIP).astype(np.float32)
+
+
+def summarize(features: np.ndarray) -> np.ndarray:
+    """(rows, N_FEATURES) per-row features -> newest row, mean and maximum over the window."""
+    return np.concatenate([features[-1], features.mean(axis=0), features.max(axis=0)]).astype(np.float32)
+
+
+class TipNet(nn.Module):
+    def __init__(self, width: int = 24, classes: int = len(TIP_STATES)) -> None:
+        super().__init__()
+        self.image = nn.Sequential(
+            nn.Conv2d(2, width, (3, 5), stride=(1, 2), padding=(1, 2)), nn.GELU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=(1, 2), padding=1), nn.GELU(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.GELU(),
+        )
+        self.features = nn.Sequential(nn.Linear(3 * N_FEATURES, 32), nn.GELU())
+        self.head = nn.Sequential(nn.Linear(4 * width + 32, 64), nn.GELU(), nn.Linear(64, classes))
+        self.register_buffer("feature_mean", torch.zeros(3 * N_FEATURES))
+        self.register_buffer("feature_std", torch.ones(3 * N_FEATURES))
+
+    def forward(self, window: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        h = self.image(window)
+        pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+        f = self.features((features - self.feature_mean) / self.feature_std)
+        return self.head(torch.cat([pooled, f], dim=1))
+
+
+class TipClassifier:
+    """Inference wrapper: numpy window in, class probabilities out."""
+
+    def __init__(self, path: Path = DEFAULT_WEIGHTS) -> None:
+        self.descriptor = json.loads(path.with_suffix(".json").read_text())
+        self.net = TipNet(self.descriptor["width"])
+        self.net.load_state_dict(load_file(str(path)))
+        self.net.eval()
+        self.classes = tuple(self.descriptor["classes"])
+
+    def probabilities(self, image: np.ndarray, summary: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            logits = self.net(torch.from_numpy(image[None]), torch.from_numpy(summary[None]))
+            return torch.softmax(logits, dim=1)[0].numpy()
+
+
+def save_classifier(net: TipNet, path: Path, meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(path))
+    descriptor = {"architecture": "TipNet", "classes": list(TIP_STATES), "window_rows": WINDOW_ROWS, **meta}
+    path.with_suffix(".json").write_text(json.dumps(descriptor, indent=2) + "\n")

@@ -1,0 +1,93 @@
+"""Labelled row sequences from the simulator, for training and evaluating the tip monitor.
+
+A sequence is what the monitor sees of one frame: the rows in acquisition order (every
+`stride`-th one for a `lines:K` plan), forward and backward heights in nm, with the tip-state
+label of each row. Frames are drawn from (seed, index), so a set is reproducible.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from stm_live.sim.frames import random_spec, simulate_frame
+from stm_live.sim.scan import acquisition_rows
+from stm_live.tip.classifier import WINDOW_ROWS, summarize, window_image
+from stm_live.tip.features import N_FEATURES, row_features
+
+TRAINING_SCENARIOS = {"good": 0.3, "blunt": 0.15, "multi": 0.2, "unstable": 0.15, "change": 0.2}
+
+
+@dataclass
+class RowSequence:
+    forward: np.ndarray
+    backward: np.ndarray
+    labels: np.ndarray
+    pixel_nm: float
+    scenario: str
+    surface: str
+    change_at: int | None
+
+    def features(self) -> np.ndarray:
+        out = np.empty((len(self.labels), N_FEATURES), np.float32)
+        for i in range(len(self.labels)):
+            out[i] = row_features(self.forward[i], self.backward[i], self.forward[i - 1] if i else None, self.pixel_nm)
+        return out
+
+
+def simulate_sequence(seed: int, index: int, size: int = 256, scenario: str | None = None,
+                      stride: int | None = None) -> RowSequence:
+    """One simulated frame as the monitor sees it; the stride is drawn (1, 1, 2, 4) unless given."""
+    rng = np.random.default_rng([seed, index, 7])
+    spec = random_spec(rng, size, scenario=scenario, scenario_weights=TRAINING_SCENARIOS)
+    frame = simulate_frame(spec, rng)
+    stride = stride or int(rng.choice([1, 1, 2, 4]))
+    order = acquisition_rows(size, spec.scan.scan_direction)[int(rng.integers(stride))::stride]
+    z = frame.measurement.z
+    change_at = None
+    if len(spec.scenario.segments) > 1:
+        change_at = int(np.searchsorted(np.arange(0, size, stride), spec.scenario.segments[1].start))
+    return RowSequence(z[0][order], z[1][order, :], frame.measurement.tip_state[order],
+                       spec.frame_nm / size, spec.scenario.name, spec.surface, change_at)
+
+
+def windows(sequence: RowSequence, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Network inputs and labels for the windows ending at each acquired-row index in `ends`."""
+    features = sequence.features()
+    images = np.stack([window_image(sequence.forward[e - WINDOW_ROWS + 1:e + 1],
+                                    sequence.backward[e - WINDOW_ROWS + 1:e + 1]) for e in ends])
+    summaries = np.stack([summarize(features[e - WINDOW_ROWS + 1:e + 1]) for e in ends])
+    return images.astype(np.float16), summaries, sequence.labels[ends].astype(np.int64)
+
+
+def _training_windows(task: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    seed, index, size, per_frame = task
+    sequence = simulate_sequence(seed, index, size)
+    rng = np.random.default_rng([seed, index, 11])
+    n = len(sequence.labels)
+    ends = rng.integers(WINDOW_ROWS - 1, n, per_frame)
+    if sequence.change_at is not None:
+        near = sequence.change_at + rng.integers(0, 6, per_frame // 2)
+        ends = np.concatenate([ends, near[(near >= WINDOW_ROWS - 1) & (near < n)]])
+    return windows(sequence, ends)
+
+
+def training_windows(seed: int, frames: int, size: int = 256, per_frame: int = 16, workers: int = 2,
+                     progress: Callable[[int], None] = lambda n: None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows from `frames` simulated frames, spread over worker processes."""
+    tasks = [(seed, i, size, per_frame) for i in range(frames)]
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for part in pool.imap(_training_windows, tasks, chunksize=4):
+            parts.append(part)
+            progress(1)
+    return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
+
+
+def evaluation_sequences(seed: int, count: int, scenario: str | None = None, size: int = 256,
+                         stride: int = 1) -> Iterator[RowSequence]:
+    for index in range(count):
+        yield simulate_sequence(seed, index, size, scenario=scenario, stride=stride)

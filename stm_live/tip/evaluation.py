@@ -1,0 +1,200 @@
+"""`stm-live eval tip`: how well and how fast the monitor tells a bad tip, on simulator episodes.
+
+Episodes are simulated frames streamed row by row through a TipMonitor exactly as the daemon
+runs it (same features, classifier, hop and state machine), on seeds the classifier never saw:
+- window scores: AUROC of P(degraded) for good vs degraded rows, and one-vs-rest AUROC per
+  state, each window labelled by the tip state of its newest row; for the monitor's belief
+  (filtered over windows, what it publishes) and for single windows alone;
+- tip changes: a good tip turns blunt or multi mid-frame; the delay is the number of rows from
+  the change to the alert (alerts before the change count as false alerts; no alert as missed);
+- clean frames: good tips frame after frame through one monitor; false alerts per 100 frames.
+Recorded scans (.sxm, ...) run through the same monitor row by row give the rows it flags.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import rankdata
+
+from stm_live.drivers.scanfiles import ScanFileError, read_scan_file
+from stm_live.protocol import TIP_STATES
+from stm_live.sim.scan import acquisition_rows
+from stm_live.tip.classifier import TipClassifier
+from stm_live.tip.episodes import RowSequence, evaluation_sequences
+from stm_live.tip.monitor import GOOD, TipMonitor
+
+EVALUATION_SEED = 1_000_003
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve (Mann-Whitney U); None when one class is absent."""
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+Reading = tuple[int, np.ndarray, np.ndarray]
+
+
+def stream(monitor: TipMonitor, sequence: RowSequence, uid: str) -> tuple[list[Reading], list[tuple[int, str]]]:
+    """Feed one sequence; returns (acquired index, window probabilities, monitor belief) per window
+    and (index, new state) per alert."""
+    monitor.start_scan(uid, sequence.pixel_nm, ("forward", "backward"))
+    readings, alerts = [], []
+    for i in range(len(sequence.labels)):
+        monitor.add_line(uid, i, "forward", sequence.forward[i])
+        reading, transition = monitor.add_line(uid, i, "backward", sequence.backward[i])
+        if reading is not None:
+            readings.append((i, np.array([reading.window_probabilities[c] for c in TIP_STATES]),
+                             np.array([reading.probabilities[c] for c in TIP_STATES])))
+        if transition is not None:
+            alerts.append((i, transition.state))
+    monitor.end_scan(uid)
+    return readings, alerts
+
+
+def _collect(readings: list[Reading], sequence: RowSequence, scores: list, beliefs: list, labels: list) -> None:
+    for i, window, belief in readings:
+        scores.append(window)
+        beliefs.append(belief)
+        labels.append(int(sequence.labels[i]))
+
+
+def _aurocs(p: np.ndarray, y: np.ndarray) -> dict:
+    good = TIP_STATES.index(GOOD)
+    return {"auroc_good_vs_degraded": auroc(1 - p[:, good], y != good),
+            "auroc_per_class": {state: auroc(p[:, c], y == c) for c, state in enumerate(TIP_STATES)}}
+
+
+def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1, hop: int = 2,
+                 progress: Callable[[int], None] = lambda n: None) -> dict:
+    scores: list[np.ndarray] = []
+    beliefs: list[np.ndarray] = []
+    labels: list[int] = []
+    delays: list[int] = []
+    missed = early = 0
+    started = time.perf_counter()
+
+    for scenario in ("blunt", "multi", "unstable", "change"):
+        for k, sequence in enumerate(evaluation_sequences(EVALUATION_SEED, episodes, scenario, stride=stride)):
+            monitor = TipMonitor(classifier, hop=hop)
+            readings, alerts = stream(monitor, sequence, f"{scenario}-{k}")
+            _collect(readings, sequence, scores, beliefs, labels)
+            progress(1)
+            if scenario != "change" or sequence.change_at is None:
+                continue
+            after = TIP_STATES[int(sequence.labels[-1])]
+            if after == GOOD:
+                continue
+            early += sum(1 for i, _ in alerts if i < sequence.change_at)
+            late = [i for i, state in alerts if i >= sequence.change_at and state != GOOD]
+            if late:
+                delays.append(late[0] - sequence.change_at)
+            else:
+                missed += 1
+
+    clean_monitor = TipMonitor(classifier, hop=hop)
+    false_alerts = 0
+    for k, sequence in enumerate(evaluation_sequences(EVALUATION_SEED + 1, episodes, "good", stride=stride)):
+        readings, alerts = stream(clean_monitor, sequence, f"good-{k}")
+        false_alerts += sum(1 for _, state in alerts if state != GOOD)
+        _collect(readings, sequence, scores, beliefs, labels)
+        progress(1)
+
+    y = np.array(labels)
+    return {
+        "episodes_per_scenario": episodes, "stride": stride, "hop": hop, "windows": int(len(y)),
+        "window_counts": {state: int((y == c).sum()) for c, state in enumerate(TIP_STATES)},
+        "monitor": _aurocs(np.array(beliefs), y), "single_window": _aurocs(np.array(scores), y),
+        "tip_changes": {"detected": len(delays), "missed": missed, "alerts_before_change": early,
+                        "median_delay_rows": float(np.median(delays)) if delays else None,
+                        "p90_delay_rows": float(np.percentile(delays, 90)) if delays else None},
+        "clean_frames": episodes, "false_alerts": false_alerts,
+        "false_alerts_per_100_clean_frames": round(100 * false_alerts / episodes, 2),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def monitor_scan_file(path: str | Path, classifier: TipClassifier, hop: int = 2, channel: str = "Z") -> dict:
+    """Run the monitor over a recorded scan in acquisition order; per row, the state it published."""
+    scan = read_scan_file(path)
+    data = next((c for c in scan.channels if c.name == channel), None)
+    if data is None or data.unit != "m":
+        raise ScanFileError(f"{path}: no height channel {channel!r} in metres")
+    forward = data.forward.astype(np.float64) * 1e9
+    backward = data.backward.astype(np.float64) * 1e9 if data.backward is not None else forward
+    rows, cols = forward.shape
+    monitor = TipMonitor(classifier, hop=hop)
+    directions = ("forward", "backward") if data.backward is not None else ("forward",)
+    uid = Path(path).stem
+    monitor.start_scan(uid, scan.size_nm[0] / cols, directions)
+    state = np.full(rows, "", dtype=object)
+    degraded = np.full(rows, np.nan)
+    alerts = []
+    for row in acquisition_rows(rows, scan.scan_direction):
+        reading = transition = None
+        for direction, trace in zip(directions, (forward, backward)):
+            reading, transition = monitor.add_line(uid, int(row), direction, trace[row])
+        state[row] = monitor.state
+        if reading is not None:
+            degraded[row] = 1 - reading.probabilities[GOOD]
+        if transition is not None:
+            alerts.append({"row": int(row), "from": transition.previous, "to": transition.state})
+    flagged = [int(r) for r in np.flatnonzero(state != GOOD) if state[r]]
+    return {"name": Path(path).name, "rows": rows, "cols": cols, "scan_direction": scan.scan_direction,
+            "windows": monitor.counters["tip_windows"], "alerts": alerts, "rows_flagged": len(flagged),
+            "flagged_ranges": _ranges(flagged), "state": state.tolist(), "p_degraded": degraded.tolist(),
+            "image": forward}
+
+
+def _ranges(rows: list[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for r in rows:
+        if out and r == out[-1][1] + 1:
+            out[-1][1] = r
+        else:
+            out.append([r, r])
+    return out
+
+
+def plot_scan_files(results: list[dict], path: str | Path) -> None:
+    """Each scan beside a strip of the monitor's state per row and its P(degraded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"good": "#2ca02c", "blunt": "#ff7f0e", "multi": "#d62728", "unstable": "#9467bd",
+               "changed": "#1f77b4", "": "#ffffff"}
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4.2), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        image = result["image"]
+        rows, cols = image.shape
+        y, x = np.mgrid[0:rows, 0:cols]
+        design = np.stack([x.ravel(), y.ravel(), np.ones(x.size)], 1)
+        plane = np.linalg.lstsq(design, image.ravel(), rcond=None)[0]
+        flat = image - (design @ plane).reshape(rows, cols)
+        lo, hi = np.percentile(flat, [1, 99])
+        ax.imshow(flat, cmap="afmhot", vmin=lo, vmax=hi, extent=(0, cols, rows, 0))
+        strip = max(4, cols // 16)
+        for r, s in enumerate(result["state"]):
+            ax.add_patch(plt.Rectangle((cols, r), strip, 1, color=colours[s], lw=0))
+        p = np.asarray(result["p_degraded"], float)
+        known = np.isfinite(p)
+        ax.plot(cols + strip + 2 * strip * p[known], np.flatnonzero(known) + 0.5, color="k", lw=0.8)
+        ax.set_xlim(0, cols + 3 * strip)
+        ax.set_ylim(rows, 0)
+        ax.set_title(f"{result['name']}\n{result['rows_flagged']} of {rows} rows flagged", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for s, c in colours.items() if s]
+    fig.legend(handles, [s for s in colours if s], loc="lower center", ncol=5, fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,102 @@
+"""Physical features of one scanned row (forward and backward trace) against the row before it.
+
+Each number is something an STM user reads off a line by eye when the tip goes bad:
+- `disagreement`: forward and backward traces no longer show the same surface (an unstable or
+  multi-apex tip images differently depending on the direction of travel);
+- `row_correlation`: the row no longer resembles the row scanned before it (tip change, noise);
+- `step`: the whole line jumped in height (the apex lost or picked up an atom);
+- `roughness`: the median point-to-point height change in nm (noise plus the finest structure),
+  `hf_fraction`: the share of the line's power above half the Nyquist frequency (a noisy tip);
+- `spikes`: isolated excursions far beyond the line's own noise;
+- `width_nm`: how wide features look (a blunt tip broadens them);
+- `ghost`: a repeated, non-periodic copy of features in the line's autocorrelation (a second apex);
+- `corrugation_nm`: how much the line varies at all (a blunt tip flattens atomic contrast).
+Values are compressed (logarithms, bounded ratios) so that a classifier sees comparable ranges.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+FEATURE_NAMES = ("disagreement", "row_correlation", "step", "roughness", "hf_fraction", "spikes",
+                 "width_nm", "ghost", "corrugation_nm", "pixel_nm")
+N_FEATURES = len(FEATURE_NAMES)
+_EPS = 1e-6
+
+
+def detrend(lines: np.ndarray) -> np.ndarray:
+    """Each line (last axis) minus its least-squares straight line: slope and offset are not tip properties."""
+    x = np.linspace(-1.0, 1.0, lines.shape[-1])
+    centred = lines - lines.mean(axis=-1, keepdims=True)
+    return centred - x * ((centred @ x) / (x @ x))[..., None]
+
+
+def noise_scale(line: np.ndarray) -> float:
+    """Robust point-to-point variation (nm): white noise alone gives its standard deviation."""
+    return float(np.median(np.abs(np.diff(line)))) / 0.9539 + _EPS
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    da, db = a - a.mean(), b - b.mean()
+    denominator = np.sqrt((da @ da) * (db @ db))
+    return float(da @ db / denominator) if denominator > 0 else 0.0
+
+
+def _autocorrelation(line: np.ndarray) -> np.ndarray:
+    spectrum = np.fft.rfft(line, 2 * line.size)
+    acf = np.fft.irfft(spectrum * np.conj(spectrum))[: line.size // 2]
+    return acf / (acf[0] + _EPS)
+
+
+def _period_px(line: np.ndarray) -> float | None:
+    """The line's lattice period in pixels when its spectrum has one clear peak, else None."""
+    power = np.abs(np.fft.rfft(line))[1:] ** 2
+    k = int(np.argmax(power))
+    if power[k] < 25 * np.median(power) + _EPS:
+        return None
+    return line.size / (k + 1)
+
+
+def _width_and_ghost(line: np.ndarray, pixel_nm: float) -> tuple[float, float]:
+    """Half-width (nm) of the line's autocorrelation peak, and the strongest secondary peak of
+    the gradient's autocorrelation that is not at a multiple of the line's lattice period."""
+    acf = _autocorrelation(line)
+    below = np.flatnonzero(acf < 0.5)
+    width_px = float(below[0]) if below.size else float(acf.size)
+    gradient_acf = _autocorrelation(np.diff(line))
+    peaks = np.flatnonzero((gradient_acf[1:-1] > gradient_acf[:-2]) & (gradient_acf[1:-1] >= gradient_acf[2:])) + 1
+    peaks = peaks[peaks > 2]
+    period = _period_px(line)
+    if period is not None:
+        ratio = peaks / period
+        peaks = peaks[(np.abs(ratio - np.round(ratio)) > 0.15) | (ratio < 0.5)]
+    ghost = float(gradient_acf[peaks].max()) if peaks.size else 0.0
+    return width_px * pixel_nm, max(ghost, 0.0)
+
+
+def row_features(forward: np.ndarray, backward: np.ndarray | None, previous: np.ndarray | None,
+                 pixel_nm: float) -> np.ndarray:
+    """Features of one row (finite heights in nm; `previous` is the forward trace of the row scanned before)."""
+    f = detrend(np.asarray(forward, np.float64))
+    noise = noise_scale(f)
+    spread = float(np.std(f)) + _EPS
+    out = np.zeros(N_FEATURES, np.float32)
+    if backward is not None:
+        b = detrend(np.asarray(backward, np.float64))
+        out[0] = np.log1p(np.std(f - b) / (0.5 * (spread + np.std(b)) + _EPS))
+    if previous is not None:
+        p = np.asarray(previous, np.float64)
+        out[1] = _correlation(f, detrend(p))
+        out[2] = np.log1p(abs(np.median(forward) - np.median(p)) / (noise + spread))
+    out[3] = np.log10(noise)
+    spectrum = np.abs(np.fft.rfft(f)) ** 2
+    out[4] = spectrum[spectrum.size // 2:].sum() / (spectrum[1:].sum() + _EPS)
+    residual = f - ndimage.median_filter(f, size=5, mode="nearest")
+    out[5] = np.log1p(np.abs(residual).max() / (1.4826 * np.median(np.abs(residual)) + 0.1 * noise + _EPS))
+    width_nm, ghost = _width_and_ghost(f, pixel_nm)
+    out[6] = np.log10(width_nm + _EPS)
+    out[7] = ghost
+    out[8] = np.log10(spread)
+    out[9] = np.log10(pixel_nm)
+    return out

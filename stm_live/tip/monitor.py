@@ -1,0 +1,175 @@
+"""The tip monitor: every row scored, every window classified, alerts only on confirmed transitions.
+
+Rows arrive as lines (forward and backward). Once both traces of a row are in, the row's
+physical features are computed against the row scanned before it; every `hop` rows, the last
+WINDOW_ROWS rows are classified. The published state changes only through a state machine with
+hysteresis: degraded evidence (1 - P(good)) must stay above `enter` for `confirm` windows in a
+row to leave `good`, and below `leave` for `clear` windows to return, so one noisy line raises
+nothing. The tip is a property of the instrument, not of a scan: the state carries across scans,
+while each scan's rows start a fresh window.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stm_live.protocol import TipAlert, TipReport
+from stm_live.tip.classifier import WINDOW_ROWS, TipClassifier, summarize, window_image
+from stm_live.tip.features import FEATURE_NAMES, row_features
+
+log = logging.getLogger(__name__)
+
+GOOD = "good"
+CHANGED = "changed"
+RECOMMENDATIONS = {
+    "good": "none",
+    "blunt": "sharpen the apex: a bias pulse or a controlled dip into a clean area",
+    "multi": "remove the extra apex: a bias pulse, or a gentle dip if pulses do not help",
+    "unstable": "let the tip settle (or pulse it); check the feedback gain and the setpoint",
+    "changed": "the tip changed: check the image and condition it if the resolution got worse",
+}
+
+
+class TipStateMachine:
+    """Debounced tip state from per-window class probabilities.
+
+    Window probabilities are filtered (exponential moving average, weight `smoothing` on the
+    newest) into a belief; a window that calls a tip change restarts the belief, since what came
+    before the change says nothing about the new apex. The state follows the belief only after
+    `confirm` windows agree; a tip change itself is announced from one window.
+    """
+
+    def __init__(self, classes: tuple[str, ...], enter: float = 0.9, leave: float = 0.3, confirm: int = 3,
+                 clear: int = 4, smoothing: float = 0.1) -> None:
+        self.classes = classes
+        self.good = classes.index(GOOD)
+        self.changed = classes.index(CHANGED)
+        self.enter, self.leave, self.confirm, self.clear, self.smoothing = enter, leave, confirm, clear, smoothing
+        self.state = GOOD
+        self.belief: np.ndarray | None = None
+        self._agree = 0
+        self._candidate: str | None = None
+
+    def reset(self) -> None:
+        """Forget the evidence (after a conditioning action the tip is a new one)."""
+        self.belief, self._agree, self._candidate = None, 0, None
+
+    def update(self, p: np.ndarray) -> str | None:
+        """Feed one window's probabilities; returns the new state on a transition, else None."""
+        if p[self.changed] >= self.enter:
+            self.belief = p.copy()
+            return self._switch(CHANGED) if self.state != CHANGED else None
+        self.belief = p.copy() if self.belief is None else (1 - self.smoothing) * self.belief + self.smoothing * p
+        degraded = 1.0 - float(self.belief[self.good])
+        if self.state != GOOD and degraded <= self.leave:
+            return self._vote(GOOD, self.clear)
+        if degraded < self.enter:
+            self._agree, self._candidate = 0, None
+            return None
+        ranked = self.belief.copy()
+        ranked[[self.good, self.changed]] = -1.0
+        return self._vote(self.classes[int(np.argmax(ranked))], self.confirm)
+
+    def _vote(self, candidate: str, needed: int) -> str | None:
+        if candidate == self.state:
+            self._agree, self._candidate = 0, None
+            return None
+        self._agree = self._agree + 1 if candidate == self._candidate else 1
+        self._candidate = candidate
+        return self._switch(candidate) if self._agree >= needed else None
+
+    def _switch(self, state: str) -> str:
+        self.state, self._agree, self._candidate = state, 0, None
+        return state
+
+
+@dataclass
+class _ScanRows:
+    pixel_nm: float
+    directions: tuple[str, ...]
+    pending: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    forward: deque = field(default_factory=lambda: deque(maxlen=WINDOW_ROWS))
+    backward: deque = field(default_factory=lambda: deque(maxlen=WINDOW_ROWS))
+    features: deque = field(default_factory=lambda: deque(maxlen=WINDOW_ROWS))
+    rows: int = 0
+
+
+class TipMonitor:
+    """Per-scan row windows, one classifier, one state machine (the instrument's tip)."""
+
+    def __init__(self, classifier: TipClassifier, hop: int = 2, enter: float = 0.9, leave: float = 0.3,
+                 confirm: int = 3, clear: int = 4, smoothing: float = 0.1) -> None:
+        self.classifier = classifier
+        self.hop = hop
+        self.machine = TipStateMachine(classifier.classes, enter, leave, confirm, clear, smoothing)
+        self.scans: dict[str, _ScanRows] = {}
+        self.counters = {"tip_rows": 0, "tip_windows": 0, "tip_alerts": 0, "tip_rows_skipped": 0}
+
+    @property
+    def state(self) -> str:
+        return self.machine.state
+
+    def start_scan(self, uid: str, pixel_nm: float, directions: tuple[str, ...]) -> None:
+        self.scans[uid] = _ScanRows(pixel_nm, directions)
+
+    def end_scan(self, uid: str) -> None:
+        self.scans.pop(uid, None)
+
+    def add_line(self, uid: str, row: int, direction: str, heights_nm: np.ndarray, pixel_nm: float | None = None
+                 ) -> tuple[TipReport | None, TipAlert | None]:
+        """One trace of one row (heights in nm, evenly spaced); a reading when a window completes."""
+        scan = self.scans.get(uid)
+        if scan is None:
+            return None, None
+        if not np.isfinite(heights_nm).all() or heights_nm.size < 16:
+            self.counters["tip_rows_skipped"] += 1
+            scan.pending.pop(row, None)
+            return None, None
+        traces = scan.pending.setdefault(row, {})
+        traces[direction] = heights_nm
+        if len(traces) < len(scan.directions):
+            if len(scan.pending) > 2:
+                del scan.pending[next(iter(scan.pending))]
+                self.counters["tip_rows_skipped"] += 1
+            return None, None
+        del scan.pending[row]
+        forward = traces.get("forward", traces.get("backward"))
+        backward = traces.get("backward", forward)
+        if scan.forward and scan.forward[-1].size != forward.size:
+            for window in (scan.forward, scan.backward, scan.features):
+                window.clear()
+        previous = scan.forward[-1] if scan.forward else None
+        features = row_features(forward, backward if len(traces) > 1 else None, previous, pixel_nm or scan.pixel_nm)
+        scan.forward.append(forward)
+        scan.backward.append(backward)
+        scan.features.append(features)
+        scan.rows += 1
+        self.counters["tip_rows"] += 1
+        if len(scan.features) < WINDOW_ROWS or (scan.rows - WINDOW_ROWS) % self.hop:
+            return None, None
+        return self._classify(uid, row, scan, features)
+
+    def _classify(self, uid: str, row: int, scan: _ScanRows, features: np.ndarray
+                  ) -> tuple[TipReport, TipAlert | None]:
+        p = self.classifier.probabilities(window_image(np.stack(scan.forward), np.stack(scan.backward)),
+                                          summarize(np.stack(scan.features)))
+        self.counters["tip_windows"] += 1
+        previous = self.machine.state
+        changed = self.machine.update(p)
+        probabilities = self._named(self.machine.belief)
+        now = time.time()
+        reading = TipReport(uid, row, scan.rows, self.machine.state, probabilities, self._named(p),
+                            {n: round(float(v), 4) for n, v in zip(FEATURE_NAMES, features)}, now)
+        if changed is None:
+            return reading, None
+        self.counters["tip_alerts"] += 1
+        log.warning("tip %s -> %s at scan %s row %d (P=%s)", previous, changed, uid, row, probabilities)
+        return reading, TipAlert(uid, row, previous, changed, probabilities, RECOMMENDATIONS[changed], now)
+
+    def _named(self, p: np.ndarray) -> dict[str, float]:
+        return {c: round(float(v), 4) for c, v in zip(self.classifier.classes, p)}

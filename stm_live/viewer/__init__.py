@@ -1,0 +1,1 @@
+"""The live viewer: a Qt-free model of what is shown, and the pyqtgraph window."""

@@ -1,0 +1,78 @@
+"""What the viewer shows, kept apart from Qt: the latest frame of each kind, tip state, status.
+
+Every received message goes through `ViewerModel.apply`; frames only replace the slot of their
+(scan, channel, direction, kind), so however fast the daemon publishes, the viewer holds one
+frame per slot and renders the newest one. The model follows the scan that spoke last.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stm_live.protocol import ActionReport, Frame, Message, Status, TipAlert, TipReport
+
+SlotKey = tuple[str, str, str, str]
+
+
+@dataclass
+class ViewerModel:
+    frames: dict[SlotKey, Frame] = field(default_factory=dict)
+    current_uid: str | None = None
+    tip: TipReport | None = None
+    alert: TipAlert | None = None
+    actions: deque = field(default_factory=lambda: deque(maxlen=20))
+    status: Status | None = None
+    received: int = 0
+    invalid: int = 0
+    version: int = 0
+    _arrivals: deque = field(default_factory=lambda: deque(maxlen=4096))
+
+    def apply(self, msg: Message, now: float | None = None) -> None:
+        self.received += 1
+        self.version += 1
+        if isinstance(msg, Frame):
+            self.frames[(msg.uid, msg.channel, msg.direction, msg.kind)] = msg
+            if msg.uid != self.current_uid:
+                self._switch_scan(msg.uid)
+            self._arrivals.append((now or time.monotonic(), msg.rows_seen, msg.uid))
+        elif isinstance(msg, TipReport):
+            self.tip = msg
+            if self.alert is not None and msg.state == "good" and self.alert.state != "good":
+                self.alert = None
+        elif isinstance(msg, TipAlert):
+            self.alert = msg if msg.state != "good" else None
+        elif isinstance(msg, ActionReport):
+            self.actions.append(msg)
+        elif isinstance(msg, Status):
+            self.status = msg
+
+    def _switch_scan(self, uid: str) -> None:
+        """A new scan: drop the old scan's frames (one scan on screen at a time)."""
+        self.frames = {k: v for k, v in self.frames.items() if k[0] == uid}
+        self.current_uid = uid
+
+    def frame(self, channel: str, direction: str, kind: str) -> Frame | None:
+        if self.current_uid is None:
+            return None
+        return self.frames.get((self.current_uid, channel, direction, kind))
+
+    def rows_per_s(self, window_s: float = 2.0, now: float | None = None) -> float:
+        """Rows landing per second in the current scan, from the rows_seen of frames over the last seconds."""
+        now = now or time.monotonic()
+        recent = [(t, rows) for t, rows, uid in self._arrivals if uid == self.current_uid and now - t <= window_s]
+        if len(recent) < 2 or recent[-1][0] == recent[0][0]:
+            return 0.0
+        return max(0.0, (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0]))
+
+
+def robust_levels(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> tuple[float, float]:
+    """Colour levels from percentiles of the finite pixels (spikes do not wash out the frame)."""
+    finite = image[np.isfinite(image)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(finite, [low, high])
+    return (float(lo), float(hi)) if hi > lo else (float(lo), float(lo) + 1e-12)

@@ -1,0 +1,326 @@
+"""`stm-live view`: the live viewer (pyqtgraph on PySide6).
+
+A ZeroMQ SUB socket's file descriptor drives a QSocketNotifier: on every wake-up the viewer
+drains everything waiting into the ViewerModel (one latest frame per slot) and does nothing
+else; a timer renders the newest state at up to 30 Hz. The viewer never talks back to the
+daemon, so a slow or frozen viewer only fills its own queue on the daemon's PUB socket, bounded
+by `zmq.output_hwm`, past which the daemon drops that subscriber's messages alone.
+
+Panels: the measured frame as scanned (unmeasured pixels blank), the reconstruction (its
+inferred pixels are labelled as such in the title, and measured ones are the measured values),
+and the per-pixel uncertainty; a scale bar in nm; a tip-state indicator and an alert banner
+with the recommended action; a status bar with line rate, reconstruction latency, drops and
+the engine in use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyqtgraph as pg
+import zmq
+from PySide6 import QtCore, QtWidgets
+
+from stm_live.protocol import Decoder, Frame, Message, ProtocolError
+from stm_live.security import LOOPBACK_ONLY, Security
+from stm_live.viewer.model import ViewerModel, robust_levels
+
+log = logging.getLogger(__name__)
+
+RENDER_HZ = 30
+TIP_COLOURS = {"good": "#2e7d32", "blunt": "#ef6c00", "multi": "#c62828", "unstable": "#6a1b9a",
+               "changed": "#1565c0"}
+PANELS = (("measured", "raw", "Measured (as scanned)"),
+          ("reconstructed", "reconstructed", "Reconstructed: INFERRED where not measured"),
+          ("uncertainty", "reconstructed", "Uncertainty (1 sigma) of inferred pixels"))
+
+
+class ViewerWindow(QtWidgets.QMainWindow):
+    def __init__(self, endpoint: str | None = None, context: zmq.Context | None = None,
+                 security: Security = LOOPBACK_ONLY) -> None:
+        super().__init__()
+        pg.setConfigOptions(imageAxisOrder="row-major", antialias=False)
+        self.model = ViewerModel()
+        self.decoder = Decoder()
+        self._rendered = -1
+        self.renders = 0
+        self.render_ms: deque[float] = deque(maxlen=10_000)
+        self._levels_locked: dict[str, tuple[float, float]] = {}
+        self.setWindowTitle("stm-live viewer")
+        self.resize(1500, 620)
+        self._build()
+        self.socket: zmq.Socket | None = None
+        self.notifier: QtCore.QSocketNotifier | None = None
+        if endpoint:
+            self.connect(endpoint, context or zmq.Context.instance(), security)
+        self.timer = QtCore.QTimer(self)
+        self.timer.timeout.connect(self._tick)
+        self.timer.start(int(1000 / RENDER_HZ))
+
+    # -- layout -------------------------------------------------------------------------------
+    def _build(self) -> None:
+        central = QtWidgets.QWidget()
+        layout = QtWidgets.QVBoxLayout(central)
+        bar = QtWidgets.QHBoxLayout()
+        self.channel_box = QtWidgets.QComboBox()
+        self.direction_box = QtWidgets.QComboBox()
+        self.direction_box.addItems(["forward", "backward"])
+        self.lock_box = QtWidgets.QCheckBox("Lock colour levels")
+        self.lock_box.toggled.connect(self._lock_levels)
+        save_png = QtWidgets.QPushButton("Save view (PNG)")
+        save_png.clicked.connect(lambda: self._ask_and_save("PNG image (*.png)", self.save_png))
+        save_frames = QtWidgets.QPushButton("Save frames (HDF5 / .npy)")
+        save_frames.clicked.connect(lambda: self._ask_and_save("HDF5 (*.h5);;NumPy (*.npy)", self.save_frames))
+        self.tip_label = QtWidgets.QLabel("tip: (no reading yet)")
+        self.tip_label.setMinimumWidth(260)
+        self.tip_label.setAlignment(QtCore.Qt.AlignmentFlag.AlignCenter)
+        for widget in (QtWidgets.QLabel("Channel"), self.channel_box, QtWidgets.QLabel("Direction"),
+                       self.direction_box, self.lock_box, save_png, save_frames):
+            bar.addWidget(widget)
+        bar.addStretch(1)
+        bar.addWidget(self.tip_label)
+        layout.addLayout(bar)
+        self.banner = QtWidgets.QLabel()
+        self.banner.setStyleSheet("background:#b71c1c; color:white; font-size:16px; font-weight:bold; padding:6px;")
+        self.banner.setWordWrap(True)
+        self.banner.hide()
+        layout.addWidget(self.banner)
+        self.graphics = pg.GraphicsLayoutWidget()
+        self.graphics.setBackground("#202020")
+        layout.addWidget(self.graphics, 1)
+        self.views: dict[str, pg.PlotItem] = {}
+        self.images: dict[str, pg.ImageItem] = {}
+        self.scale_bars: dict[str, pg.ScaleBar] = {}
+        for column, (name, _, title) in enumerate(PANELS):
+            view = self.graphics.addPlot(row=0, col=column, title=title)
+            view.setAspectLocked(True)
+            view.invertY(True)
+            view.hideAxis("left")
+            view.hideAxis("bottom")
+            image = pg.ImageItem()
+            image.setColorMap(pg.colormap.get("viridis" if name == "uncertainty" else "inferno"))
+            view.addItem(image)
+            self.views[name], self.images[name] = view, image
+        self.setCentralWidget(central)
+        self.status_label = QtWidgets.QLabel("waiting for the daemon")
+        self.statusBar().addWidget(self.status_label, 1)
+
+    # -- input --------------------------------------------------------------------------------
+    def connect(self, endpoint: str, context: zmq.Context, security: Security = LOOPBACK_ONLY) -> None:
+        self.socket = context.socket(zmq.SUB)
+        for topic in (b"frame", b"status", b"tip", b"alert", b"action"):
+            self.socket.setsockopt(zmq.SUBSCRIBE, topic)
+        self.socket.setsockopt(zmq.RCVHWM, 1000)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        security.connect(self.socket, endpoint)
+        self.notifier = QtCore.QSocketNotifier(self.socket.getsockopt(zmq.FD), QtCore.QSocketNotifier.Type.Read, self)
+        self.notifier.activated.connect(self.drain)
+
+    def drain(self) -> int:
+        """Take every waiting message into the model; ZeroMQ's descriptor is edge-triggered, so
+        drain until the socket says nothing is left."""
+        taken = 0
+        while self.socket is not None and self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                self.apply(self.decoder.decode(frames))
+            except ProtocolError as exc:
+                self.model.invalid += 1
+                log.warning("viewer ignored an invalid message: %s", exc)
+            taken += 1
+        return taken
+
+    def apply(self, msg: Message) -> None:
+        self.model.apply(msg)
+        if isinstance(msg, Frame) and self.channel_box.findText(msg.channel) < 0:
+            self.channel_box.addItem(msg.channel)
+
+    # -- output -------------------------------------------------------------------------------
+    def _tick(self) -> None:
+        self.drain()
+        if self.model.version != self._rendered:
+            self.render()
+
+    def render(self) -> None:
+        """Draw the newest state; called by the timer, at most RENDER_HZ times a second."""
+        started = time.perf_counter()
+        self._rendered = self.model.version
+        channel = self.channel_box.currentText()
+        direction = self.direction_box.currentText()
+        for name, kind, _ in PANELS:
+            frame = self.model.frame(channel, direction, kind)
+            if frame is None:
+                continue
+            image = frame.image if name != "uncertainty" else frame.uncertainty
+            if image is None:
+                self.images[name].clear()
+                self.views[name].setTitle(f"Uncertainty: not reported by the {frame.method} engine")
+                continue
+            self._show(name, np.asarray(image, np.float32), frame)
+        self._show_tip()
+        self._show_status()
+        self.renders += 1
+        self.render_ms.append((time.perf_counter() - started) * 1e3)
+
+    def _show(self, name: str, image: np.ndarray, frame: Frame) -> None:
+        item = self.images[name]
+        levels = self._levels_locked.get(name) or robust_levels(image)
+        item.setImage(np.nan_to_num(image, nan=levels[0] - 1.0), levels=levels, autoLevels=False)
+        width_nm, height_nm = frame.size_nm
+        item.setRect(QtCore.QRectF(0, 0, width_nm, height_nm))
+        if name not in self.scale_bars:
+            self.scale_bars[name] = self._scale_bar(name, width_nm)
+        title = dict((n, t) for n, _, t in PANELS)[name]
+        state = "final" if frame.final else f"{frame.rows_seen} rows"
+        self.views[name].setTitle(f"{title} [{frame.method}, {state}]")
+
+    def _scale_bar(self, name: str, width_nm: float) -> pg.ScaleBar:
+        length = float(10 ** np.floor(np.log10(width_nm / 4)))
+        length *= 5 if width_nm / 4 >= 5 * length else 2 if width_nm / 4 >= 2 * length else 1
+        bar = pg.ScaleBar(size=length, suffix="nm", brush="w", pen="w")
+        bar.text.setText(f"{length:g} nm")
+        bar.setParentItem(self.views[name].getViewBox())
+        bar.anchor((1, 1), (1, 1), offset=(-15, -15))
+        return bar
+
+    def _show_tip(self) -> None:
+        tip = self.model.tip
+        if tip is not None:
+            colour = TIP_COLOURS.get(tip.state, "#555555")
+            self.tip_label.setText(f"tip: {tip.state.upper()}  (P good {tip.probabilities.get('good', 0):.2f})")
+            self.tip_label.setStyleSheet(f"background:{colour}; color:white; font-weight:bold; padding:4px;")
+        alert = self.model.alert
+        if alert is None:
+            self.banner.hide()
+            return
+        last_action = self.model.actions[-1] if self.model.actions else None
+        action = f"  |  last action: {last_action.outcome}" if last_action else ""
+        self.banner.setText(f"TIP ALERT: {alert.previous} -> {alert.state.upper()} (scan {alert.uid}, row {alert.row}). "
+                            f"Recommended: {alert.recommendation}{action}")
+        self.banner.show()
+
+    def _show_status(self) -> None:
+        status = self.model.status
+        parts = [f"line rate {self.model.rows_per_s():.0f} rows/s"]
+        if status is not None:
+            p50 = status.latency_s.get("p50")
+            parts += [f"reconstruction latency p50 {p50 * 1e3:.1f} ms" if p50 is not None else "latency -",
+                      f"dropped {status.counters.get('dropped', 0)}", f"engine {status.engine}",
+                      f"daemon {status.state}"]
+        parts.append(f"messages {self.model.received} (invalid {self.model.invalid})")
+        self.status_label.setText("  |  ".join(parts))
+
+    def _lock_levels(self, locked: bool) -> None:
+        self._levels_locked = {name: tuple(item.levels) for name, item in self.images.items()
+                               if locked and item.image is not None}
+
+    # -- saving -------------------------------------------------------------------------------
+    def _ask_and_save(self, filters: str, save) -> None:
+        path, _ = QtWidgets.QFileDialog.getSaveFileName(self, "Save", str(Path.cwd()), filters)
+        if path:
+            save(path)
+
+    def save_png(self, path: str | Path) -> None:
+        self.grab().save(str(path), "PNG")
+
+    def save_frames(self, path: str | Path) -> None:
+        """The current scan's newest frames: HDF5 with every slot, or .npy of the shown reconstruction."""
+        path = Path(path)
+        frames = {k: f for k, f in self.model.frames.items() if k[0] == self.model.current_uid}
+        if path.suffix == ".npy":
+            shown = self.model.frame(self.channel_box.currentText(), self.direction_box.currentText(), "reconstructed")
+            if shown is None:
+                raise ValueError("no reconstructed frame to save yet")
+            np.save(path, np.asarray(shown.image))
+            return
+        import h5py
+
+        with h5py.File(path, "w") as h5:
+            for (uid, channel, direction, kind), frame in frames.items():
+                group = h5.require_group(f"{channel}/{direction}/{kind}")
+                group["image"] = np.asarray(frame.image)
+                group["measured"] = np.asarray(frame.mask)
+                if frame.uncertainty is not None:
+                    group["uncertainty"] = np.asarray(frame.uncertainty)
+                group.attrs.update({"uid": uid, "unit": frame.unit, "method": frame.method,
+                                    "inferred": kind == "reconstructed", "size_nm": frame.size_nm,
+                                    "rows_seen": frame.rows_seen, "final": frame.final, "saved": time.time()})
+
+    def close_socket(self) -> None:
+        if self.notifier is not None:
+            self.notifier.setEnabled(False)
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def run_viewer(endpoint: str, snapshot_dir: str | None = None, snapshot_every_s: float = 3.0,
+               seconds: float | None = None, stats_path: str | None = None, security: Security = LOOPBACK_ONLY,
+               should_stop: Callable[[], bool] = lambda: False) -> int:
+    """The viewer's event loop until the window closes, `seconds` pass or `should_stop()`; with
+    `snapshot_dir`, a PNG of the view at once (view-0000.png, the sign it is up) and every few
+    seconds; with `stats_path`, its render rate and memory (sampled every second) as JSON at exit."""
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(["stm-live view"])
+    window = ViewerWindow(endpoint, security=security)
+    window.show()
+    wake = QtCore.QTimer()
+    wake.timeout.connect(lambda: app.quit() if should_stop() else None)
+    wake.start(100)
+    timers = [wake]
+    if snapshot_dir:
+        Path(snapshot_dir).mkdir(parents=True, exist_ok=True)
+        count = [0]
+        window.save_png(Path(snapshot_dir) / "view-0000.png")
+
+        def snapshot() -> None:
+            count[0] += 1
+            window.render()
+            window.save_png(Path(snapshot_dir) / f"view-{count[0]:04d}.png")
+
+        timer = QtCore.QTimer()
+        timer.timeout.connect(snapshot)
+        timer.start(int(snapshot_every_s * 1000))
+        timers.append(timer)
+    memory: list[float] = []
+    if stats_path:
+        sampler = QtCore.QTimer()
+        sampler.timeout.connect(lambda: memory.append(_rss_mb()))
+        sampler.start(1000)
+        timers.append(sampler)
+    if seconds:
+        QtCore.QTimer.singleShot(int(seconds * 1000), app.quit)
+    started = time.monotonic()
+    code = app.exec()
+    if stats_path:
+        elapsed = time.monotonic() - started
+        settled = memory[len(memory) // 4:] or memory
+        Path(stats_path).write_text(json.dumps({
+            "seconds": round(elapsed, 2), "renders": window.renders, "render_hz": round(window.renders / elapsed, 1),
+            "messages": window.model.received, "invalid": window.model.invalid,
+            "rss_mb_first_quarter_end": round(settled[0], 1) if settled else None,
+            "rss_mb_end": round(memory[-1], 1) if memory else None,
+            "render_ms_p99": round(float(np.percentile(window.render_ms, 99)), 2) if window.render_ms else None,
+        }, indent=2))
+    if snapshot_dir:
+        window.render()
+        window.save_png(Path(snapshot_dir) / "view-last.png")
+    window.close_socket()
+    window.close()
+    window.deleteLater()
+    app.processEvents()
+    return code

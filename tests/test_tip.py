@@ -1,0 +1,203 @@
+"""Tip monitor: physical features, the state machine, the shipped classifier, conditioning policy."""
+
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from stm_live.config import ConditioningSettings
+from stm_live.protocol import TIP_STATES
+from stm_live.tip.classifier import WINDOW_ROWS, TipClassifier
+from stm_live.tip.conditioning import ConditioningPolicy
+from stm_live.tip.episodes import simulate_sequence
+from stm_live.tip.evaluation import auroc, evaluate_tip, monitor_scan_file, stream
+from stm_live.tip.features import FEATURE_NAMES, row_features
+from stm_live.tip.monitor import TipMonitor, TipStateMachine
+
+from conftest import REAL
+
+F = {name: i for i, name in enumerate(FEATURE_NAMES)}
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return TipClassifier()
+
+
+def lattice_line(rng, n=256, period_px=8.0, noise=0.002):
+    x = np.arange(n)
+    return 0.05 * np.cos(2 * np.pi * x / period_px + rng.uniform(0, 6)) + noise * rng.standard_normal(n)
+
+
+# -- features ----------------------------------------------------------------------------------
+
+def test_features_read_what_a_user_sees():
+    rng = np.random.default_rng(0)
+    line = lattice_line(rng)
+    calm = row_features(line, line.copy(), line.copy(), 0.05)
+    assert calm[F["disagreement"]] == pytest.approx(0.0, abs=1e-6)
+    assert calm[F["row_correlation"]] == pytest.approx(1.0)
+
+    jumped = row_features(line + 0.3, line + 0.3, line, 0.05)
+    assert jumped[F["step"]] > calm[F["step"]] + 1.0
+
+    spiky = line.copy()
+    spiky[100:103] += 0.4
+    assert row_features(spiky, None, None, 0.05)[F["spikes"]] > calm[F["spikes"]] + 1.0
+
+    noisy = line + 0.1 * rng.standard_normal(line.size)
+    assert row_features(noisy, None, None, 0.05)[F["roughness"]] > calm[F["roughness"]] + 0.5
+    assert row_features(noisy, None, None, 0.05)[F["hf_fraction"]] > calm[F["hf_fraction"]]
+
+    blurred = ndimage.gaussian_filter1d(rng.standard_normal(256), 6.0)
+    sharp = ndimage.gaussian_filter1d(rng.standard_normal(256), 1.0)
+    assert row_features(blurred, None, None, 0.05)[F["width_nm"]] > row_features(sharp, None, None, 0.05)[F["width_nm"]]
+
+    other = lattice_line(rng)
+    assert row_features(line, other, None, 0.05)[F["disagreement"]] > 0.5
+    assert row_features(line, None, other, 0.05)[F["row_correlation"]] < 0.9
+
+
+def test_ghost_feature_sees_a_second_apex():
+    rng = np.random.default_rng(1)
+    x = np.arange(512)
+    centres = rng.choice(np.arange(20, 490), 12, replace=False)
+    single = sum(np.exp(-0.5 * ((x - c) / 2.0) ** 2) for c in centres)
+    double = single + 0.8 * sum(np.exp(-0.5 * ((x - c - 13) / 2.0) ** 2) for c in centres)
+    assert row_features(double, None, None, 0.05)[F["ghost"]] > row_features(single, None, None, 0.05)[F["ghost"]] + 0.2
+
+
+# -- state machine -----------------------------------------------------------------------------
+
+def probabilities(**named):
+    p = np.array([named.get(s, 0.0) for s in TIP_STATES])
+    return p / p.sum()
+
+
+def test_one_noisy_window_raises_nothing():
+    machine = TipStateMachine(TIP_STATES, enter=0.7, confirm=2, smoothing=1.0)
+    assert machine.update(probabilities(good=0.05, blunt=0.95)) is None
+    assert machine.update(probabilities(good=0.95, blunt=0.05)) is None
+    assert machine.state == "good"
+
+
+def test_degradation_needs_confirmation_and_recovery_needs_more():
+    machine = TipStateMachine(TIP_STATES, enter=0.7, confirm=2, clear=3, smoothing=1.0)
+    bad = probabilities(good=0.1, multi=0.8, blunt=0.1)
+    assert machine.update(bad) is None
+    assert machine.update(bad) == "multi"
+    assert machine.update(probabilities(good=0.5, multi=0.5)) is None  # between leave and enter: stays
+    fine = probabilities(good=0.95, multi=0.05)
+    assert [machine.update(fine) for _ in range(3)] == [None, None, "good"]
+
+
+def test_a_tip_change_is_announced_from_one_window_and_restarts_the_belief():
+    machine = TipStateMachine(TIP_STATES, enter=0.7, confirm=2, smoothing=0.2)
+    for _ in range(10):
+        machine.update(probabilities(good=0.97, blunt=0.03))
+    assert machine.update(probabilities(good=0.1, changed=0.9)) == "changed"
+    assert machine.belief[TIP_STATES.index("changed")] > 0.8
+    assert machine.update(probabilities(good=0.05, blunt=0.9, changed=0.05)) is None
+    assert machine.update(probabilities(good=0.05, blunt=0.9, changed=0.05)) == "blunt"
+
+
+# -- the shipped classifier in the monitor -----------------------------------------------------
+
+def test_monitor_classifies_every_hop_rows_once_a_window_is_full(classifier):
+    sequence = simulate_sequence(4242, 0, 128, scenario="good", stride=1)
+    monitor = TipMonitor(classifier, hop=4)
+    readings, _ = stream(monitor, sequence, "scan")
+    assert [i for i, _, _ in readings][:3] == [WINDOW_ROWS - 1, WINDOW_ROWS + 3, WINDOW_ROWS + 7]
+    assert monitor.counters["tip_rows"] == 128
+    for _, window, belief in readings:
+        assert window.sum() == pytest.approx(1.0, abs=1e-3) and belief.sum() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_monitor_skips_lines_it_cannot_read(classifier):
+    monitor = TipMonitor(classifier)
+    monitor.start_scan("s", 0.05, ("forward", "backward"))
+    bad = np.full(256, np.nan)
+    assert monitor.add_line("s", 0, "forward", bad) == (None, None)
+    assert monitor.add_line("unknown", 0, "forward", np.zeros(256)) == (None, None)
+    assert monitor.counters["tip_rows_skipped"] == 1
+    for row in range(1, 6):  # backward traces lost: rows waiting for them do not pile up
+        monitor.add_line("s", row, "forward", np.random.default_rng(row).normal(size=256))
+    assert len(monitor.scans["s"].pending) == 2 and monitor.counters["tip_rows_skipped"] == 4
+
+
+def test_monitor_alerts_soon_after_a_tip_change(classifier):
+    """A tip change with its height step and streaks: the alert comes within a few rows."""
+    delays = []
+    for index in range(6):
+        sequence = simulate_sequence(777, index, 256, scenario="change", stride=1)
+        _, alerts = stream(TipMonitor(classifier), sequence, "scan")
+        after = [i - sequence.change_at for i, state in alerts if i >= sequence.change_at and state != "good"]
+        delays.append(after[0] if after else 999)
+    assert np.median(delays) <= 6, delays
+
+
+def test_auroc_matches_its_definition():
+    assert auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([False, False, True, True])) == 1.0
+    assert auroc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([False, False, True, True])) == 0.0
+    assert auroc(np.array([0.5, 0.5]), np.array([False, True])) == 0.5
+    assert auroc(np.array([0.5]), np.array([True])) is None
+
+
+def test_eval_tip_reports_every_figure(classifier):
+    result = evaluate_tip(classifier, episodes=1, hop=4)
+    assert set(result["monitor"]["auroc_per_class"]) == set(TIP_STATES)
+    assert result["windows"] == sum(result["window_counts"].values()) > 0
+    assert 0.0 <= result["monitor"]["auroc_good_vs_degraded"] <= 1.0
+    assert result["false_alerts_per_100_clean_frames"] >= 0
+
+
+# -- conditioning policy -----------------------------------------------------------------------
+
+def test_policy_escalates_waits_and_gives_up():
+    clock = [0.0]
+    settings = ConditioningSettings(enabled=True, min_interval_s=10, max_attempts=2, recovery_windows=2,
+                                    actions=["bias_pulse bias_v=1 width_s=0.01", "dip depth_nm=0.2 bias_v=0.1"])
+    policy = ConditioningPolicy(settings, clock=lambda: clock[0])
+    assert policy.step("stm", "changed", "changed") == (None, None)
+    request, _ = policy.step("stm", "blunt", "blunt")
+    assert request == {"action": "bias_pulse", "bias_v": 1.0, "width_s": 0.01}
+    policy.executed("stm")
+    assert policy.step("stm", "blunt", None) == (None, None)
+    assert policy.step("stm", "blunt", None) == (None, "not_recovered")  # too soon for another
+    clock[0] = 11.0
+    request, _ = policy.step("stm", "blunt", None)
+    assert request["action"] == "dip"
+    policy.executed("stm")
+    policy.step("stm", "blunt", None)
+    clock[0] = 30.0
+    assert policy.step("stm", "blunt", None) == (None, "not_recovered")  # max_attempts reached
+    assert policy.step("stm", "good", "good") == (None, None)
+    request, _ = policy.step("stm", "multi", "multi")
+    assert request["action"] == "bias_pulse"
+    policy.executed("stm")
+    policy.step("stm", "good", "good")
+    assert policy.step("stm", "good", None) == (None, "recovered")
+
+
+# -- the simulator's episode tip and recorded scans ---------------------------------------------
+
+def test_episode_tip_degrades_and_stays_degraded_until_conditioned():
+    from stm_live.sim import tip as tips
+    from stm_live.sim.scan import episode_scenario, tip_at
+
+    rng = np.random.default_rng(5)
+    good = tips.good_tip(rng)
+    assert episode_scenario(good, 128, rng, 0.0).segments == episode_scenario(good, 128, rng, 0.0).segments
+    changing = episode_scenario(good, 128, rng, 1.0)
+    after = changing.segments[-1].tip
+    assert changing.name == "change" and after.state in ("blunt", "multi")
+    assert tip_at(changing, 0) is good and tip_at(changing, 127) is after
+    assert episode_scenario(after, 128, rng, 1.0).segments[0].tip is after
+
+
+@pytest.mark.skipif(not (REAL / "Si_7x7_051.sxm").exists(), reason="real scans not present in ../shared/data/real")
+def test_monitor_runs_over_a_recorded_scan(classifier):
+    result = monitor_scan_file(REAL / "Si_7x7_051.sxm", classifier)
+    assert result["rows"] == 256 and result["windows"] == (256 - WINDOW_ROWS) // 2 + 1
+    assert len(result["state"]) == 256 and all(s in TIP_STATES for s in result["state"][WINDOW_ROWS:])
+    assert result["rows_flagged"] == sum(b - a + 1 for a, b in result["flagged_ranges"])

@@ -1,0 +1,140 @@
+"""The viewer, rendered offscreen from a recorded stream (simulator -> daemon) over a real socket."""
+
+import os
+import threading
+import time
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import zmq  # noqa: E402
+from PySide6 import QtGui, QtWidgets  # noqa: E402
+
+from stm_live.demo import free_tcp_endpoint  # noqa: E402
+from stm_live.protocol import Frame, TipAlert, encode  # noqa: E402
+from stm_live.sim.instrument import SimInstrument  # noqa: E402
+from stm_live.viewer.model import ViewerModel, robust_levels  # noqa: E402
+from stm_live.viewer.window import ViewerWindow  # noqa: E402
+
+from conftest import Harness  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def qapp():
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(["test"])
+    yield app
+    app.processEvents()
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """Every message the daemon published for one simulated 128x128 lines:2 scan with a tip change."""
+    from stm_live.config import Settings
+
+    settings = Settings()
+    settings.daemon.input, settings.daemon.output = free_tcp_endpoint(), free_tcp_endpoint()
+    settings.daemon.record_dir = str(tmp_path_factory.mktemp("rec"))
+    settings.daemon.status_interval_s = 0.1
+    settings.daemon.reconstruct_every_lines = 16
+    settings.tip.hop = 2
+    settings.daemon.engine = "model"
+    context = zmq.Context()
+    h = Harness(settings, context, with_publisher=False).start()
+    sim = SimInstrument(settings.daemon.input, size=128, plan="lines:2", line_rate_hz=1500, seed=3, tip="change",
+                        surface="si111_7x7", frame_nm=12.0, context=context)
+    try:
+        thread = threading.Thread(target=sim.run, args=(1, 10.0), daemon=True)
+        thread.start()
+        h.listener.until(lambda ms: any(isinstance(m, Frame) and m.final and m.kind == "reconstructed" for m in ms),
+                         what="the final frame")
+        thread.join(30)
+        h.listener.pump(0.5)
+    finally:
+        sim.close()
+        h.stop()
+        context.term()
+    return [m for m in h.listener.messages if m.type != "heartbeat"]
+
+
+def panel_pixels(window: ViewerWindow, name: str) -> np.ndarray:
+    """The rendered pixels of one panel's view box, as an (h, w, 4) array."""
+    image = window.graphics.grab().toImage().convertToFormat(QtGui.QImage.Format.Format_RGB32)
+    pixels = np.frombuffer(image.constBits(), np.uint8).reshape(image.height(), image.bytesPerLine() // 4, 4)
+    box = window.views[name].getViewBox()
+    rect = window.graphics.mapFromScene(box.sceneBoundingRect()).boundingRect()
+    return pixels[rect.top():rect.bottom(), rect.left():rect.right()]
+
+
+def test_viewer_renders_a_recorded_stream_received_over_zeromq(qapp, recorded, tmp_path):
+    assert any(isinstance(m, TipAlert) for m in recorded), "the recorded stream should hold a tip alert"
+    context = zmq.Context()
+    endpoint = free_tcp_endpoint()
+    pub = context.socket(zmq.PUB)
+    pub.bind(endpoint)
+    window = ViewerWindow(endpoint, context)
+    window.show()
+    try:
+        time.sleep(0.3)
+        for msg in recorded:
+            pub.send_multipart(encode(msg))
+        deadline = time.monotonic() + 20
+        while window.model.received < len(recorded) and time.monotonic() < deadline:
+            qapp.processEvents()
+            time.sleep(0.01)
+        assert window.model.received == len(recorded)
+        window.render()
+        qapp.processEvents()
+
+        for name in ("measured", "reconstructed", "uncertainty"):
+            pixels = panel_pixels(window, name)
+            assert pixels.size and pixels[..., :3].std() > 10, f"{name} panel is empty"
+        assert "INFERRED" in window.views["reconstructed"].titleLabel.text
+        assert window.banner.isVisible() and "TIP ALERT" in window.banner.text()
+        assert all(bar.isVisible() and bar.text.toPlainText().endswith("nm") for bar in window.scale_bars.values())
+        assert len(window.scale_bars) == 3
+        assert "engine masked-unet" in window.status_label.text()
+        assert window.tip_label.text().startswith("tip: ")
+
+        window.save_png(tmp_path / "view.png")
+        assert QtGui.QImage(str(tmp_path / "view.png")).width() == window.width()
+        window.save_frames(tmp_path / "frames.h5")
+        with h5py.File(tmp_path / "frames.h5") as h5:
+            assert h5["Z/forward/reconstructed"].attrs["inferred"]
+            assert not h5["Z/forward/raw"].attrs["inferred"]
+            measured = h5["Z/forward/raw/measured"][()]
+            raw, rec = h5["Z/forward/raw/image"][()], h5["Z/forward/reconstructed/image"][()]
+            assert np.array_equal(raw[measured], rec[measured])
+        window.save_frames(tmp_path / "frame.npy")
+        assert np.load(tmp_path / "frame.npy").shape == (128, 128)
+    finally:
+        window.close_socket()
+        window.close()
+        window.deleteLater()
+        qapp.processEvents()
+        pub.close()
+        context.term()
+
+
+def test_model_keeps_one_frame_per_slot_and_follows_the_newest_scan(recorded):
+    model = ViewerModel()
+    frames = [m for m in recorded if isinstance(m, Frame)]
+    for msg in recorded:
+        model.apply(msg)
+    slots = {(m.channel, m.direction, m.kind) for m in frames if m.uid == model.current_uid}
+    assert len(model.frames) == len(slots) == 8  # Z and Current, forward and backward, raw and reconstructed
+    assert model.frame("Z", "forward", "reconstructed").final
+    later = Frame("other-scan", "Z", "m", "forward", "raw", 1, (1.0, 1.0), "measured", 0.0, False, 0.0,
+                  frames[0].image, frames[0].mask)
+    model.apply(later)
+    assert model.current_uid == "other-scan" and list(model.frames) == [("other-scan", "Z", "forward", "raw")]
+
+
+def test_robust_levels_ignore_spikes_and_gaps():
+    image = np.linspace(0, 1, 10_000).reshape(100, 100)
+    image[0, 0] = 1e6
+    image[1, :] = np.nan
+    lo, hi = robust_levels(image)
+    assert 0 <= lo < 0.01 and 0.99 < hi <= 1.0
+    assert robust_levels(np.full((4, 4), np.nan)) == (0.0, 1.0)
