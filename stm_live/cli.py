@@ -215,8 +215,12 @@ def cmd_view(args: argparse.Namespace) -> int:
 
     settings = _settings(args, {})
     connect = args.connect or settings.daemon.output.replace("*", "127.0.0.1")
-    return run_viewer(connect, args.snapshots, args.every, args.seconds, args.stats, _security(settings),
+    code = run_viewer(connect, args.snapshots, args.every, args.seconds, args.stats, _security(settings),
                       lambda: bool(stopping))
+    # PySide6 can crash while the interpreter finalises its objects; everything is written by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_tap(args: argparse.Namespace) -> int:
