@@ -51,6 +51,7 @@ class TipService:
                         if conditioning.enabled else None)
         self.monitors: dict[str, TipMonitor] = {}
         self.scans: dict[str, _ScanInfo] = {}
+        self._watched: set[str] = set()
         self.counters = {"tip_lines_skipped": 0, "tip_errors": 0}
         self._queue: deque = deque()
         self._queued_lines = 0
@@ -63,16 +64,38 @@ class TipService:
         self._thread.start()
 
     def scan_started(self, state: ScanState) -> None:
-        self._put(("start", state))
+        """Decide here whether the monitor reads this scan, so other scans' lines cost nothing."""
+        info = self._watch(state)
+        if info is not None:
+            self._watched.add(state.uid)
+            self._put(("start", state, info))
 
     def line(self, state: ScanState, msg: Line) -> None:
+        if msg.uid not in self._watched:
+            return
         if self._queued_lines >= self.settings.max_queued_lines:
             self.counters["tip_lines_skipped"] += 1
             return
         self._put(("line", msg, state.row_columns[msg.row]))
 
     def scan_ended(self, uid: str) -> None:
-        self._put(("end", uid))
+        if uid in self._watched:
+            self._watched.discard(uid)
+            self._put(("end", uid))
+
+    def _watch(self, state: ScanState) -> _ScanInfo | None:
+        start = state.start
+        names = [c.name for c in start.channels]
+        if self.settings.channel not in names:
+            log.info("scan %s has no %s channel: the tip monitor skips it", start.uid, self.settings.channel)
+            return None
+        index = names.index(self.settings.channel)
+        unit = start.channels[index].unit
+        if unit not in HEIGHT_UNITS:
+            log.info("scan %s: channel %s is in %r, not a height; the tip monitor skips it",
+                     start.uid, self.settings.channel, unit)
+            return None
+        return _ScanInfo(start.instrument, index, HEIGHT_UNITS[unit], start.size_nm[0] / start.cols)
 
     def close(self) -> None:
         with self._cond:
@@ -115,7 +138,7 @@ class TipService:
     def _handle(self, item: tuple) -> None:
         kind = item[0]
         if kind == "start":
-            self._start(item[1])
+            self._start(*item[1:])
         elif kind == "end":
             info = self.scans.pop(item[1], None)
             if info is not None:
@@ -123,25 +146,15 @@ class TipService:
         else:
             self._line(*item[1:])
 
-    def _start(self, state: ScanState) -> None:
+    def _start(self, state: ScanState, info: _ScanInfo) -> None:
         start = state.start
-        names = [c.name for c in start.channels]
-        if self.settings.channel not in names:
-            log.info("scan %s has no %s channel: the tip monitor skips it", start.uid, self.settings.channel)
-            return
-        index = names.index(self.settings.channel)
-        unit = start.channels[index].unit
-        if unit not in HEIGHT_UNITS:
-            log.info("scan %s: channel %s is in %r, not a height; the tip monitor skips it",
-                     start.uid, self.settings.channel, unit)
-            return
-        self.scans[start.uid] = _ScanInfo(start.instrument, index, HEIGHT_UNITS[unit], start.size_nm[0] / start.cols)
+        self.scans[start.uid] = info
         monitor = self.monitors.get(start.instrument)
         if monitor is None:
             s = self.settings
             monitor = self.monitors[start.instrument] = TipMonitor(
                 self.classifier, s.hop, s.enter, s.leave, s.confirm, s.clear, s.smoothing)
-        monitor.start_scan(start.uid, start.size_nm[0] / start.cols, start.line_directions)
+        monitor.start_scan(start.uid, info.pixel_nm, start.line_directions)
 
     def _line(self, msg: Line, columns: slice | np.ndarray) -> None:
         info = self.scans.get(msg.uid)
