@@ -66,7 +66,7 @@ class ConditioningGate:
 
     def _problem(self, request: dict) -> str | None:
         action = request.get("action")
-        if action not in ACTIONS:
+        if not isinstance(action, str) or action not in ACTIONS:
             return f"unknown action {action!r}; allowed: {', '.join(ACTIONS)}"
         if set(request) != {"action", *ACTIONS[action]}:
             return f"{action} takes exactly {', '.join(ACTIONS[action])}"

@@ -284,6 +284,15 @@ def cmd_bench_view(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_fuzz(args: argparse.Namespace) -> int:
+    from stm_live.fuzz import fuzz
+
+    result = fuzz(args.seconds, args.seed, args.crashes, tuple(args.target or ("protocol", "action", "nanonis",
+                                                                               "scanfile", "config")))
+    _print_json(result, args.json)
+    return 1 if result["crashes"] else 0
+
+
 def cmd_engines(args: argparse.Namespace) -> int:
     from stm_live.engines.runners import describe_backends
 
@@ -461,6 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=20.0)
     b.add_argument("--json", help="write the result here too")
     b.set_defaults(func=cmd_bench_view)
+
+    b = bench.add_parser("fuzz", help="mutated inputs into every decoder; only their own errors may come out")
+    b.add_argument("--seconds", type=float, default=60.0)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--target", action="append", choices=("protocol", "action", "nanonis", "scanfile", "config"))
+    b.add_argument("--crashes", default="fuzz-crashes", help="directory for inputs that crashed a decoder")
+    b.add_argument("--json", help="write the result here too")
+    b.set_defaults(func=cmd_bench_fuzz)
 
     p = sub.add_parser("engines", help="list the model's inference backends here, and why any is missing")
     p.set_defaults(func=cmd_engines)

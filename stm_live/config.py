@@ -227,7 +227,7 @@ def load_settings(
         try:
             with open(path, "rb") as fh:
                 data = _merge(data, tomllib.load(fh))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {path}: {exc}") from exc
     data = _merge(data, _env_overrides(environ))
     if overrides:
