@@ -241,3 +241,83 @@ def bench_view(rate: float = 10_000.0, cols: int = 256, seconds: float = 20.0) -
                 **({"viewer": json.loads(stats.read_text())} if attached and stats.exists() else {}),
             }
     return {"benchmark": "view", "rate": rate, "cols": cols, "seconds": seconds, **runs, "machine": machine()}
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def bench_soak(lines: int = 1_000_000, size: int = 256, rate: float = 10_000.0, window_s: float = 10.0
+               ) -> dict[str, Any]:
+    """`lines` lines from the simulator (full scans of `size` rows, forward and backward) through a
+    daemon process to a subscriber that keeps only statistics: drops, reconstruction latency p99
+    per `window_s` and the daemon's memory over time."""
+    import subprocess
+    import sys
+
+    from stm_live.protocol import Decoder, Frame, Status
+
+    frames = -(-lines // (2 * size))
+    instrument, output = free_tcp_endpoint(), free_tcp_endpoint()
+    cli = [sys.executable, "-m", "stm_live", "--log-level", "WARNING"]
+    context = zmq.Context()
+    sub = context.socket(zmq.SUB)
+    for topic in (b"frame", b"status"):
+        sub.setsockopt(zmq.SUBSCRIBE, topic)
+    sub.setsockopt(zmq.RCVHWM, 0)
+    sub.connect(output)
+    decoder = Decoder()
+    windows: list[dict[str, Any]] = []
+    latencies: list[float] = []
+    memory: list[float] = []
+    status: Status | None = None
+    with tempfile.TemporaryDirectory(prefix="stm-live-soak-") as record:
+        daemon = subprocess.Popen([*cli, "run", "--input", instrument, "--output", output, "--record", record])
+        time.sleep(3.0)
+        sim = subprocess.Popen([*cli, "sim", "--bind", instrument, "--frames", str(frames), "--size", str(size),
+                                "--plan", "full", "--line-rate", str(rate / 2), "--seed", "9"])
+        started = window_start = time.monotonic()
+        try:
+            while True:
+                if sub.poll(200):
+                    msg = decoder.decode(sub.recv_multipart())
+                    if isinstance(msg, Frame) and msg.kind == "reconstructed":
+                        latencies.append(msg.latency_s)
+                    elif isinstance(msg, Status):
+                        status = msg
+                now = time.monotonic()
+                if now - window_start >= window_s:
+                    memory.append(_rss_mb(daemon.pid))
+                    windows.append({"t_s": round(now - started, 1), "frames": len(latencies),
+                                    "latency_p99_ms": round(float(np.percentile(latencies, 99)) * 1e3, 2)
+                                    if latencies else None,
+                                    "lines": status.counters.get("lines", 0) if status else 0,
+                                    "daemon_rss_mb": round(memory[-1], 1)})
+                    latencies, window_start = [], now
+                done = status is not None and status.counters.get("lines", 0) >= 2 * size * frames
+                if (sim.poll() is not None and done) or now - started > 3 * lines / rate + 600:
+                    break
+            time.sleep(2.0)
+            while sub.poll(500):
+                msg = decoder.decode(sub.recv_multipart())
+                if isinstance(msg, Status):
+                    status = msg
+        finally:
+            for proc in (sim, daemon):
+                if proc.poll() is None:
+                    proc.terminate()
+                proc.wait(60)
+            sub.close(0)
+            context.term()
+    counters = status.counters if status else {}
+    sent = 2 * size * frames
+    settled = memory[len(memory) // 4:] if len(memory) >= 4 else memory
+    return {
+        "benchmark": "soak", "lines_sent": sent, "lines_received": counters.get("lines", 0),
+        "lines_recorded": counters.get("recorded", 0) - 2 * frames, "dropped": counters.get("dropped", 0),
+        "lost": sent - counters.get("lines", 0), "frames": frames, "size": size, "offered_rate": rate,
+        "seconds": round(time.monotonic() - started, 1), "windows": windows,
+        "memory_growth_after_first_quarter": round(settled[-1] / settled[0] - 1, 4) if settled else None,
+        "machine": machine(),
+    }

@@ -293,6 +293,14 @@ def cmd_bench_fuzz(args: argparse.Namespace) -> int:
     return 1 if result["crashes"] else 0
 
 
+def cmd_bench_soak(args: argparse.Namespace) -> int:
+    from stm_live.bench import bench_soak
+
+    result = bench_soak(args.lines, args.size, args.rate)
+    _print_json(result, args.json)
+    return 1 if result["lost"] or result["dropped"] else 0
+
+
 def cmd_engines(args: argparse.Namespace) -> int:
     from stm_live.engines.runners import describe_backends
 
@@ -478,6 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--crashes", default="fuzz-crashes", help="directory for inputs that crashed a decoder")
     b.add_argument("--json", help="write the result here too")
     b.set_defaults(func=cmd_bench_fuzz)
+
+    b = bench.add_parser("soak", help="N lines simulator -> daemon -> subscriber: drops, latency p99 over time, memory")
+    b.add_argument("--lines", type=int, default=1_000_000)
+    b.add_argument("--size", type=int, default=256)
+    b.add_argument("--rate", type=float, default=10_000.0, help="lines/s offered (forward and backward)")
+    b.add_argument("--json", help="write the result here too")
+    b.set_defaults(func=cmd_bench_soak)
 
     p = sub.add_parser("engines", help="list the model's inference backends here, and why any is missing")
     p.set_defaults(func=cmd_engines)

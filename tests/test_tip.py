@@ -201,3 +201,15 @@ def test_monitor_runs_over_a_recorded_scan(classifier):
     assert result["rows"] == 256 and result["windows"] == (256 - WINDOW_ROWS) // 2 + 1
     assert len(result["state"]) == 256 and all(s in TIP_STATES for s in result["state"][WINDOW_ROWS:])
     assert result["rows_flagged"] == sum(b - a + 1 for a, b in result["flagged_ranges"])
+
+
+@pytest.mark.skipif(not (REAL / "Si_7x7_028.sxm").exists(), reason="real scans not present in ../shared/data/real")
+def test_recorded_scans_become_good_sequences_in_acquisition_order():
+    from stm_live.drivers.scanfiles import read_scan_file
+    from stm_live.tip.episodes import scan_file_sequences
+
+    full, half, quarter = scan_file_sequences(REAL / "Au111_pySPM_test.sxm")
+    z = next(c for c in read_scan_file(REAL / "Au111_pySPM_test.sxm").channels if c.name == "Z")
+    assert np.allclose(full.forward[0], z.forward[-1] * 1e9)  # scanned upwards: the bottom row first
+    assert len(half.labels) == 128 and len(quarter.labels) == 64 and not full.labels.any()
+    assert half.pixel_nm == full.pixel_nm  # rows are skipped, not pixels along the line

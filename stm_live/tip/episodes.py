@@ -2,7 +2,8 @@
 
 A sequence is what the monitor sees of one frame: the rows in acquisition order (every
 `stride`-th one for a `lines:K` plan), forward and backward heights in nm, with the tip-state
-label of each row. Frames are drawn from (seed, index), so a set is reproducible.
+label of each row. Frames are drawn from (seed, index), so a set is reproducible. Recorded scans
+with a known good tip give `good` sequences the same way.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import multiprocessing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from stm_live.drivers.scanfiles import read_scan_file
 from stm_live.sim.frames import random_spec, simulate_frame
 from stm_live.sim.scan import acquisition_rows
 from stm_live.tip.classifier import WINDOW_ROWS, summarize, window_image
@@ -36,6 +39,23 @@ class RowSequence:
         for i in range(len(self.labels)):
             out[i] = row_features(self.forward[i], self.backward[i], self.forward[i - 1] if i else None, self.pixel_nm)
         return out
+
+
+def scan_file_sequences(path: str | Path, strides: tuple[int, ...] = (1, 2, 4)) -> list[RowSequence]:
+    """A recorded scan's height rows in acquisition order, at each stride, labelled `good`: for
+    scans whose tip is known to be good throughout."""
+    scan = read_scan_file(path)
+    z = next(c for c in scan.channels if c.name == "Z" and c.unit == "m")
+    rows, cols = z.forward.shape
+    backward = z.backward if z.backward is not None else z.forward
+    order = acquisition_rows(rows, scan.scan_direction)
+    out = []
+    for stride in strides:
+        taken = order[::stride]
+        out.append(RowSequence(z.forward[taken].astype(np.float64) * 1e9, backward[taken].astype(np.float64) * 1e9,
+                               np.zeros(len(taken), np.uint8), scan.size_nm[0] / cols, "recorded",
+                               Path(path).stem, None))
+    return out
 
 
 def simulate_sequence(seed: int, index: int, size: int = 256, scenario: str | None = None,

@@ -3,17 +3,17 @@
 Rows arrive as lines (forward and backward). Once both traces of a row are in, the row's
 physical features are computed against the row scanned before it; every `hop` rows, the last
 WINDOW_ROWS rows are classified. The published state changes only through a state machine with
-hysteresis: degraded evidence (1 - P(good)) must stay above `enter` for `confirm` windows in a
-row to leave `good`, and below `leave` for `clear` windows to return, so one noisy line raises
-nothing. The tip is a property of the instrument, not of a scan: the state carries across scans,
+hysteresis on the filtered evidence: P(degraded) must stay above `enter` for `confirm` windows
+in a row to leave `good`, and below `leave` for `clear` windows to return, so one noisy line
+raises nothing; a tip change is announced from one window. The tip is a property of the instrument, not of a scan: the state carries across scans,
 while each scan's rows start a fresh window.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np

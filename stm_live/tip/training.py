@@ -23,7 +23,8 @@ from torch import nn
 from stm_live.protocol import TIP_STATES
 from stm_live.tip import classifier, features
 from stm_live.tip.classifier import TipNet, save_classifier
-from stm_live.tip.episodes import training_windows
+from stm_live.tip.classifier import WINDOW_ROWS
+from stm_live.tip.episodes import scan_file_sequences, training_windows, windows
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class TipTrainConfig:
     seed: int = 0
     threads: int = 2
     workers: int = 2
+    real_dir: str = "../shared/data/real"
+    real_good: tuple[str, ...] = ("Si_7x7_028.sxm", "Si_7x7_012.sxm", "Au111_pySPM_test.sxm")
+    real_copies: int = 6
 
 
 def _windows(cfg: TipTrainConfig, progress: Callable[[int], None]) -> dict[str, np.ndarray]:
@@ -59,6 +63,21 @@ def _windows(cfg: TipTrainConfig, progress: Callable[[int], None]) -> dict[str, 
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, key=key, **data)
     return data
+
+
+def _with_real(cfg: TipTrainConfig, x: np.ndarray, f: np.ndarray, y: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Add every window of the recorded good-tip scans found in `real_dir`, `real_copies` times."""
+    parts = [(x, f, y)]
+    for name in cfg.real_good:
+        path = Path(cfg.real_dir) / name
+        if not path.exists():
+            log.warning("recorded scan %s not found; training without it", path)
+            continue
+        for sequence in scan_file_sequences(path):
+            ends = np.arange(WINDOW_ROWS - 1, len(sequence.labels))
+            parts.extend([windows(sequence, ends)] * cfg.real_copies)
+    return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
 
 
 def _evaluate(net: TipNet, x: np.ndarray, f: np.ndarray, y: np.ndarray, loss_fn: nn.Module) -> tuple[float, float]:
@@ -80,7 +99,7 @@ def train_tip(cfg: TipTrainConfig, progress: Callable[[int], None] = lambda n: N
     started = time.perf_counter()
     data = _windows(cfg, progress)
     simulated = time.perf_counter() - started
-    x, f, y = data["x"], data["f"], data["y"]
+    x, f, y = _with_real(cfg, data["x"], data["f"], data["y"])
     counts = np.bincount(y, minlength=len(TIP_STATES)).astype(np.float64)
     weights = torch.tensor(np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(TIP_STATES), 0.0) ** 0.5,
                            dtype=torch.float32)
