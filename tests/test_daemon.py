@@ -7,6 +7,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from stm_live.engines import Reconstructor
 from stm_live.protocol import Decoder, Frame, Line, Truth
 from stm_live.recorder import read_journal
 from stm_live.sim.instrument import SimInstrument
@@ -125,3 +126,30 @@ def test_scan_end_writes_hdf5_from_the_journal(harness, settings):
         assert h5["forward/Z"].attrs["unit"] == "m"
         assert h5["forward/measured"][()].sum() == 32
         assert h5["lines"]["row"].tolist() == [0, 2, 4, 6]
+
+
+class FailingEngine(Reconstructor):
+    """Fails on every call, as a crashed GPU runtime would."""
+
+    name = "failing"
+
+    def reconstruct(self, measured, mask):
+        raise RuntimeError("simulated engine crash")
+
+
+def test_a_failing_engine_costs_reconstructions_only(harness):
+    """Every line is still recorded and every raw frame published; the failures are counted."""
+    harness.daemon.scheduler.engine = FailingEngine()
+    frame = make_frame(16, 8)
+    pub = harness.publisher
+    pub.scan_start(scan_start("crashy", rows=16, cols=8))
+    for row in range(16):
+        pub.line("crashy", row, "forward", CHANNELS, [frame[row], frame[row]])
+    pub.scan_end("crashy")
+    status = harness.status_after(lambda s: s.counters["scans_completed"] == 1 and s.counters["engine_errors"] >= 1)
+    assert status.counters["lines"] == 16 and status.state in ("idle", "acquiring")
+    harness.listener.until(lambda ms: any(f.final for f in harness.listener.frames(uid="crashy", kind="raw")))
+    final = [f for f in harness.listener.frames(uid="crashy", kind="raw", channel="Z") if f.final][-1]
+    assert np.array_equal(final.image, frame) and not harness.listener.frames(uid="crashy", kind="reconstructed")
+    journal = [e.message for e in read_journal(harness.daemon.recorder.journal_path("crashy"))]
+    assert sum(isinstance(m, Line) for m in journal) == 16
