@@ -153,3 +153,33 @@ def test_a_failing_engine_costs_reconstructions_only(harness):
     assert np.array_equal(final.image, frame) and not harness.listener.frames(uid="crashy", kind="reconstructed")
     journal = [e.message for e in read_journal(harness.daemon.recorder.journal_path("crashy"))]
     assert sum(isinstance(m, Line) for m in journal) == 16
+
+
+def test_a_stalled_subscriber_does_not_hold_up_the_daemon_or_other_subscribers(settings):
+    """A subscriber that never reads: its own queue fills and ZeroMQ drops its messages alone."""
+    settings.zmq.output_hwm = 8
+    settings.daemon.reconstruct_every_lines = 1
+    context = zmq.Context()
+    stalled = context.socket(zmq.SUB)
+    stalled.setsockopt(zmq.RCVHWM, 1)
+    stalled.setsockopt(zmq.RCVBUF, 4096)
+    stalled.setsockopt(zmq.SUBSCRIBE, b"")
+    stalled.setsockopt(zmq.LINGER, 0)
+    h = Harness(settings, context).start()
+    try:
+        stalled.connect(settings.daemon.output)
+        frame = make_frame(128, 128)
+        h.publisher.scan_start(scan_start("busy", rows=128, cols=128))
+        for row in range(128):
+            h.publisher.line("busy", row, "forward", CHANNELS, [frame[row], frame[row]])
+        h.publisher.scan_end("busy")
+        h.listener.until(lambda ms: any(f.final for f in h.listener.frames(uid="busy", kind="reconstructed")),
+                         what="the final frame at the healthy subscriber")
+        status = h.status_after(lambda s: s.counters["scans_completed"] == 1)
+        assert status.counters["lines"] == 128 and status.counters["record_errors"] == 0
+        final = [f for f in h.listener.frames(uid="busy", kind="raw", channel="Z") if f.final][-1]
+        assert np.array_equal(final.image, frame)
+    finally:
+        stalled.close()
+        h.stop()
+        context.term()
