@@ -236,6 +236,9 @@ class Daemon:
         try:
             self.recorder.record([(msg.uid, frames) for msg, frames in valid], time.time())
             self.counters["recorded"] += len(valid)
+            if self.record_error is not None:
+                log.warning("recording works again after %d failed writes", self.counters["record_errors"])
+                self.record_error = None
         except OSError as exc:
             self.counters["record_errors"] += 1
             if self.record_error is None or self.counters["record_errors"] % 1000 == 1:

@@ -3,7 +3,9 @@
 Each scan has a journal `<uid>.journal`: a msgpack stream of `[topic, header, [arrays], t_received]`
 entries holding the exact wire bytes. Each entry goes to the operating system in one unbuffered
 write, so a daemon killed at any moment (SIGKILL included) leaves every line it had received on
-disk; at worst the entry being written is cut short, and readers stop cleanly before it.
+disk; at worst the entry being written is cut short, and readers stop cleanly before it. A write
+the disk refuses (full, quota) is cut back off the journal, so entries appended after the disk
+recovers stay readable.
 When a scan ends the daemon also has `<uid>.h5` written from the journal (stm_live.export): the
 assembled frames in HDF5 for analysis, written to a temporary name and then renamed, so no
 half-written HDF5 file ever exists.
@@ -53,8 +55,15 @@ class Recorder:
                 self._pack([topic, _buffer(frames[1]), [_buffer(f) for f in frames[2:]], received_unix]))
         for uid, packed in entries.items():
             data = b"".join(packed)
-            written = os.write(self._fd(uid), data)
+            fd = self._fd(uid)
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                written = os.write(fd, data)
+            except OSError:
+                os.ftruncate(fd, end)
+                raise
             if written != len(data):
+                os.ftruncate(fd, end)
                 raise OSError(f"short write to journal of scan {uid}: {written} of {len(data)} bytes")
 
     def _fd(self, uid: str) -> int:

@@ -148,3 +148,40 @@ def test_a_resumed_scan_that_stays_silent_is_closed_as_aborted(tmp_path):
             assert f.attrs["end_reason"] == "aborted" and f["forward/measured"][()].sum() == 24
     finally:
         daemon.kill()
+
+
+def test_a_full_disk_is_reported_and_leaves_the_journal_readable(harness, monkeypatch):
+    """While the disk refuses writes (half a write lands, then ENOSPC) the daemon reports it and
+    goes on; the refused entries are cut off again, so what is recorded afterwards stays readable."""
+    import errno
+
+    import stm_live.recorder as recorder_module
+
+    real_write = os.write
+    full = {"on": False}
+
+    def write(fd, data):
+        if full["on"]:
+            real_write(fd, bytes(data)[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(recorder_module.os, "write", write)
+    frame = make_frame(12, 8)
+    pub = harness.publisher
+    pub.scan_start(scan_start("full-disk", rows=12, cols=8))
+    for row in range(12):
+        if row == 4:
+            harness.status_after(lambda s: s.counters["lines"] == 4)
+            full["on"] = True
+        if row == 8:
+            harness.status_after(lambda s: s.counters["lines"] == 8 and s.counters.get("record_error_active") == 1)
+            full["on"] = False
+        pub.line("full-disk", row, "forward", CHANNELS, [frame[row], frame[row]])
+    pub.scan_end("full-disk")
+    status = harness.status_after(lambda s: s.counters["scans_completed"] == 1)
+    assert status.counters["record_errors"] >= 1 and "record_error_active" not in status.counters
+    assert status.counters["lines"] == 12
+    rows = [e.message.row for e in read_journal(harness.daemon.recorder.journal_path("full-disk"))
+            if isinstance(e.message, Line)]
+    assert rows == [0, 1, 2, 3, 8, 9, 10, 11]
