@@ -8,6 +8,7 @@ are refused with an AssemblyError naming the reason. Non-finite values are left 
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ class ScanState:
     directions: dict[str, DirectionFrames]
     channel_names: tuple[str, ...]
     last_seq: int = -1
+    last_activity: float = 0.0
     lines: int = 0
     out_of_order: int = 0
     end_reason: str | None = None
@@ -104,6 +106,7 @@ class FrameAssembler:
                 for d in msg.line_directions
             },
             channel_names=tuple(c.name for c in msg.channels),
+            last_activity=time.perf_counter(),
         )
         self.scans[msg.uid] = state
         return state, evicted
@@ -140,6 +143,7 @@ class FrameAssembler:
         else:
             state.last_seq = msg.seq
         state.lines += 1
+        state.last_activity = received
         self.scans.move_to_end(msg.uid)
         return state, frames
 

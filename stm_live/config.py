@@ -50,7 +50,8 @@ class DaemonSettings(_Section):
     status_interval_s: float = Field(1.0, gt=0)
     max_active_scans: int = Field(64, ge=1, description="open scans kept; beyond this the least recently fed is aborted")
     drain_max_messages: int = Field(2000, ge=1, description="messages handled per wake-up before housekeeping")
-    resume_timeout_s: float = Field(60.0, gt=0, description="a scan resumed after a restart is aborted if silent this long")
+    scan_timeout_s: float = Field(120.0, gt=0, description="an open scan that receives no line for this long (its "
+                                                           "instrument stopped or died) is closed as aborted")
 
 
 class LimitSettings(_Section):

@@ -84,7 +84,6 @@ class Daemon:
         self._worker_sockets = threading.local()
         self._all_worker_sockets: list[zmq.Socket] = []
         self._heartbeat_seq = 0
-        self._resumed: dict[str, float] = {}
 
     # -- life cycle -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -149,21 +148,19 @@ class Daemon:
         for state in interrupted_scans(self.recorder.directory):
             for frames in state.directions.values():
                 frames.last_line_time = time.perf_counter()
+            state.last_activity = time.perf_counter()
             self.assembler.restore(state)
-            self._resumed[state.uid] = time.monotonic() + self.settings.daemon.resume_timeout_s
             self.counters["scans_resumed"] += 1
             log.warning("resumed scan %s from its journal: %d lines so far", state.uid, state.lines)
 
-    def _expire_resumed(self) -> None:
-        """A resumed scan that stays silent was interrupted for good: close it as aborted."""
-        now = time.monotonic()
-        for uid, deadline in list(self._resumed.items()):
-            if uid not in self.assembler.scans:
-                del self._resumed[uid]
-            elif now >= deadline:
-                del self._resumed[uid]
-                log.warning("resumed scan %s received nothing for %.0f s; closing it as aborted",
-                            uid, self.settings.daemon.resume_timeout_s)
+    def _expire_silent(self) -> None:
+        """An open scan that stays silent (its instrument stopped or died, or it was resumed and
+        nothing came) will never end by itself: close it as aborted so it is exported."""
+        timeout = self.settings.daemon.scan_timeout_s
+        now = time.perf_counter()
+        for uid, state in list(self.assembler.scans.items()):
+            if now - state.last_activity >= timeout:
+                log.warning("scan %s received nothing for %.0f s; closing it as aborted", uid, timeout)
                 self._finish_scan(self.assembler.finish(uid, "aborted"))
 
     def _serve(self, sub: zmq.Socket, pub: zmq.Socket, results: zmq.Socket) -> None:
@@ -179,7 +176,7 @@ class Daemon:
                 self._heartbeat_seq += 1
                 next_heartbeat = now + cfg.heartbeat_interval_s
             if now >= next_status:
-                self._expire_resumed()
+                self._expire_silent()
                 self._publish_status(pub)
                 next_status = now + cfg.status_interval_s
             wait_ms = max(0, int(1000 * (min(next_heartbeat, next_status, now + 0.2) - now)))
@@ -258,8 +255,6 @@ class Daemon:
 
     def _on_line(self, msg: Line, received: float) -> None:
         state, frames = self.assembler.add_line(msg, received)
-        if self._resumed:
-            self._resumed.pop(msg.uid, None)
         self.counters["lines"] += 1
         if self.tip is not None:
             self.tip.line(state, msg)

@@ -183,3 +183,23 @@ def test_a_stalled_subscriber_does_not_hold_up_the_daemon_or_other_subscribers(s
         stalled.close()
         h.stop()
         context.term()
+
+
+def test_a_scan_whose_instrument_falls_silent_is_closed_as_aborted(settings):
+    settings.daemon.scan_timeout_s = 0.5
+    context = zmq.Context()
+    h = Harness(settings, context).start()
+    try:
+        frame = make_frame(8, 8)
+        h.publisher.scan_start(scan_start("orphaned", rows=8, cols=8))
+        for row in range(3):
+            h.publisher.line("orphaned", row, "forward", CHANNELS, [frame[row], frame[row]])
+        status = h.status_after(lambda s: s.counters["scans_aborted"] == 1 and not s.active_scans)
+        assert status.counters["lines"] == 3
+        h5 = h.daemon.recorder.directory / "orphaned.h5"
+        wait_for(h5.exists, 30, "HDF5 of the abandoned scan")
+        with h5py.File(h5) as f:
+            assert f.attrs["end_reason"] == "aborted" and f["forward/measured"][()].sum() == 24
+    finally:
+        h.stop()
+        context.term()

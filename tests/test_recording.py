@@ -89,7 +89,7 @@ def test_recorder_keeps_a_bounded_number_of_files_open(tmp_path):
 
 def _start_daemon(instrument, output, record, *extra_env):
     import os
-    env = dict(os.environ, STM_LIVE_DAEMON__RESUME_TIMEOUT_S="1.5", STM_LIVE_DAEMON__STATUS_INTERVAL_S="0.2")
+    env = dict(os.environ, STM_LIVE_DAEMON__SCAN_TIMEOUT_S="1.5", STM_LIVE_DAEMON__STATUS_INTERVAL_S="0.2")
     return subprocess.Popen([sys.executable, "-m", "stm_live", "--log-level", "WARNING", "run", "--input", instrument,
                              "--output", output, "--record", str(record)], env=env)
 
