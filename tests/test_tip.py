@@ -125,6 +125,21 @@ def test_monitor_skips_lines_it_cannot_read(classifier):
     assert len(monitor.scans["s"].pending) == 2 and monitor.counters["tip_rows_skipped"] == 4
 
 
+def test_a_gap_in_the_lines_restarts_the_window(classifier):
+    sequence = simulate_sequence(4242, 1, 128, scenario="good", stride=1)
+    monitor = TipMonitor(classifier, hop=1)
+    monitor.start_scan("s", sequence.pixel_nm, ("forward", "backward"))
+    for i in range(WINDOW_ROWS + 4):
+        monitor.add_line("s", i, "forward", sequence.forward[i])
+        monitor.add_line("s", i, "backward", sequence.backward[i])
+    assert monitor.counters["tip_windows"] == 5
+    monitor.restart_window("s")
+    for i in range(60, 60 + WINDOW_ROWS - 1):
+        monitor.add_line("s", i, "forward", sequence.forward[i])
+        monitor.add_line("s", i, "backward", sequence.backward[i])
+    assert monitor.counters["tip_windows"] == 5 and len(monitor.scans["s"].features) == WINDOW_ROWS - 1
+
+
 def test_monitor_alerts_soon_after_a_tip_change(classifier):
     """A tip change with its height step and streaks: the alert comes within a few rows."""
     delays = []

@@ -120,6 +120,14 @@ class TipMonitor:
     def end_scan(self, uid: str) -> None:
         self.scans.pop(uid, None)
 
+    def restart_window(self, uid: str) -> None:
+        """Lines were skipped: rows on either side of the gap are not neighbours, start afresh."""
+        scan = self.scans.get(uid)
+        if scan is not None:
+            for rows in (scan.forward, scan.backward, scan.features):
+                rows.clear()
+            scan.pending.clear()
+
     def add_line(self, uid: str, row: int, direction: str, heights_nm: np.ndarray, pixel_nm: float | None = None
                  ) -> tuple[TipReport | None, TipAlert | None]:
         """One trace of one row (heights in nm, evenly spaced); a reading when a window completes."""

@@ -52,6 +52,7 @@ class TipService:
         self.monitors: dict[str, TipMonitor] = {}
         self.scans: dict[str, _ScanInfo] = {}
         self._watched: set[str] = set()
+        self._gapped: set[str] = set()
         self.counters = {"tip_lines_skipped": 0, "tip_errors": 0}
         self._queue: deque = deque()
         self._queued_lines = 0
@@ -75,7 +76,11 @@ class TipService:
             return
         if self._queued_lines >= self.settings.max_queued_lines:
             self.counters["tip_lines_skipped"] += 1
+            if msg.uid not in self._gapped:
+                self._gapped.add(msg.uid)
+                self._put(("gap", msg.uid))
             return
+        self._gapped.discard(msg.uid)
         self._put(("line", msg, state.row_columns[msg.row]))
 
     def scan_ended(self, uid: str) -> None:
@@ -139,6 +144,10 @@ class TipService:
         kind = item[0]
         if kind == "start":
             self._start(*item[1:])
+        elif kind == "gap":
+            info = self.scans.get(item[1])
+            if info is not None:
+                self.monitors[info.instrument].restart_window(item[1])
         elif kind == "end":
             info = self.scans.pop(item[1], None)
             if info is not None:
