@@ -152,7 +152,8 @@ class SimInstrument:
         pub.scan_end(uid, "complete")
         return sent
 
-    def close(self) -> None:
+    def close(self, linger_s: float = 60.0) -> None:
+        """Stop; lines still queued for a subscriber that lags get up to `linger_s` to be delivered."""
         if self.actions is not None:
             self.actions.close()
-        self.publisher.close()
+        self.publisher.close(linger_s)

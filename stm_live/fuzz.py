@@ -263,9 +263,11 @@ def fuzz(seconds: float = 60.0, seed: int = 0, out_dir: str | Path = "fuzz-crash
     """Round-robin over the targets for `seconds`; crashes saved to `out_dir`."""
     rng = np.random.default_rng(seed)
     out = Path(out_dir)
-    logging.getLogger("stm_live").setLevel(logging.CRITICAL)
-    warnings.simplefilter("ignore")
-    with tempfile.TemporaryDirectory(prefix="stm-live-fuzz-") as tmp:
+    quiet = logging.getLogger("stm_live")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="stm-live-fuzz-") as tmp:
+        warnings.simplefilter("ignore")
         work = Path(tmp)
         makers = {"protocol": _frames_target, "action": _action_target, "nanonis": _nanonis_target,
                   "scanfile": lambda: _scanfile_target(work), "config": lambda: _config_target(work)}
@@ -289,6 +291,7 @@ def fuzz(seconds: float = 60.0, seed: int = 0, out_dir: str | Path = "fuzz-crash
                     target.crashes.append(f"{path}: {traceback.format_exc(limit=3).splitlines()[-1]}"[:300])
                 target.runs += 1
                 slowest[target.name] = max(slowest[target.name], time.perf_counter() - t0)
+    quiet.setLevel(level)
     elapsed = time.monotonic() - started
     from stm_live.bench import machine
 

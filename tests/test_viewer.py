@@ -30,7 +30,7 @@ def qapp():
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
-    """Every message the daemon published for one simulated 128x128 lines:2 scan with a tip change."""
+    """Every message the daemon published for one simulated 128x128 lines:2 scan with an unstable tip."""
     from stm_live.config import Settings
 
     settings = Settings()
@@ -42,7 +42,7 @@ def recorded(tmp_path_factory):
     settings.daemon.engine = "model"
     context = zmq.Context()
     h = Harness(settings, context, with_publisher=False).start()
-    sim = SimInstrument(settings.daemon.input, size=128, plan="lines:2", line_rate_hz=1500, seed=3, tip="change",
+    sim = SimInstrument(settings.daemon.input, size=128, plan="lines:2", line_rate_hz=1500, seed=3, tip="unstable",
                         surface="si111_7x7", frame_nm=12.0, context=context)
     try:
         thread = threading.Thread(target=sim.run, args=(1, 10.0), daemon=True)
