@@ -134,7 +134,7 @@ def _action_target() -> Target:
 
 def _nanonis_target() -> Target:
     """Replies recorded from the emulator for every read command, replayed mutated over a socketpair."""
-    from stm_live.drivers import nanonis_wire
+    import stm_live.drivers.nanonis_client as client_module
     from stm_live.drivers.nanonis_client import NanonisClient
     from stm_live.drivers.nanonis_wire import NanonisError, NanonisProtocolError, pack_header
     from stm_live.sim.nanonis_emulator import NanonisEmulator
@@ -153,7 +153,7 @@ def _nanonis_target() -> Target:
         "Signals.ValsGet": lambda c: c.signals_get([0, 1]),
     }
     recorded: dict[str, bytes] = {}
-    original = nanonis_wire.recv_message
+    original = client_module.recv_message
 
     def recording(sock: socket.socket) -> tuple[str, bytes]:
         name, data = original(sock)
@@ -163,7 +163,6 @@ def _nanonis_target() -> Target:
     emulator = NanonisEmulator(line_time_s=0.005, seed=1)
     emulator.buffer = ([30, 0], 16, 16)
     emulator.start()
-    import stm_live.drivers.nanonis_client as client_module
     client_module.recv_message = recording
     try:
         client = NanonisClient(emulator.host, emulator.port, timeout_s=5)
@@ -214,11 +213,8 @@ def _scanfile_target(work: Path) -> Target:
     createc = work / "seed.dat"
     _write_createc(createc)
     seeds.append((".dat", createc.read_bytes()))
-    counter = [0]
-
     def run(item: tuple[str, bytes]) -> None:
         suffix, data = item
-        counter[0] += 1
         path = work / f"input{suffix}"
         path.write_bytes(data)
         read_scan_file(path, size_nm=10.0)

@@ -70,7 +70,7 @@ def simulate_sequence(seed: int, index: int, size: int = 256, scenario: str | No
     change_at = None
     if len(spec.scenario.segments) > 1:
         change_at = int(np.searchsorted(np.arange(0, size, stride), spec.scenario.segments[1].start))
-    return RowSequence(z[0][order], z[1][order, :], frame.measurement.tip_state[order],
+    return RowSequence(z[0][order], z[1][order], frame.measurement.tip_state[order],
                        spec.frame_nm / size, spec.scenario.name, spec.surface, change_at)
 
 
