@@ -25,10 +25,12 @@ class EngineError(RuntimeError):
 
 @dataclass(frozen=True)
 class Reconstruction:
-    """Full frames (B, H, W); pixels an engine cannot infer (unscanned regions) are NaN."""
+    """Full frames (B, H, W); pixels an engine cannot infer (unscanned regions) are NaN.
+    `method` names the engine that made them (set by `reconstruct_exact`)."""
 
     images: np.ndarray
     uncertainty: np.ndarray | None = None
+    method: str | None = None
 
 
 class Reconstructor(ABC):
@@ -58,4 +60,4 @@ def reconstruct_exact(engine: Reconstructor, measured: np.ndarray, mask: np.ndar
     if uncertainty is not None:
         uncertainty = uncertainty.astype(np.float32, copy=True)
         uncertainty[mask] = 0.0
-    return Reconstruction(images, uncertainty)
+    return Reconstruction(images, uncertainty, result.method or engine.name)

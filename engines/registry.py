@@ -2,7 +2,8 @@
 
 `classical` is the default (docs/models.md says why: the shipped model does not yet beat it);
 `model` is the learned MaskedUNet: if PyTorch or its weights cannot be loaded the daemon says
-why in its log and falls back to `classical`, so reconstruction never stops.
+why in its log and falls back to `classical`, so reconstruction never stops. `create_chain`
+puts the configured engine in front of its fallback (engines.chain) for the daemon.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 from collections.abc import Callable
 
 from stm_live.engines.base import EngineError, Reconstructor
+from stm_live.engines.chain import EngineChain
 from stm_live.engines.classical import ClassicalReconstructor
 
 log = logging.getLogger(__name__)
@@ -45,3 +47,16 @@ def create_engine(name: str, threads: int | None = None, backend: str = "auto") 
             raise
         log.error("engine %s failed to load (%s: %s); falling back to classical", name, type(exc).__name__, exc)
         return ClassicalReconstructor()
+
+
+def create_chain(name: str, fallback: str, timeout_s: float, threads: int | None = None,
+                 backend: str = "auto") -> EngineChain | None:
+    """The daemon's engines: `name`, then `fallback` when `name` raises or exceeds `timeout_s` per
+    frame. None when `name` is 'none'; a fallback of 'none' (or equal to `name`) adds nothing."""
+    first = create_engine(name, threads, backend)
+    if first is None:
+        return None
+    engines = [first]
+    if fallback not in ("none", name):
+        engines.append(create_engine(fallback, threads, backend))
+    return EngineChain(engines, timeout_s)

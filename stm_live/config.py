@@ -45,6 +45,10 @@ class DaemonSettings(_Section):
     engine: str = Field("classical", description="classical, model, linear, biharmonic; 'none' publishes raw frames only")
     engine_backend: str = Field("auto", description="for the model: auto, torch-cuda, onnxruntime or torch-cpu")
     engine_threads: int = Field(1, ge=1, description="CPU threads a learned engine may use (ingest keeps the rest)")
+    engine_fallback: str = Field("classical", description="engine that takes a batch the first one failed or timed "
+                                                          "out on; 'none' publishes those frames raw only")
+    engine_timeout_s: float = Field(10.0, gt=0, description="deadline per frame of a batch before the batch goes to "
+                                                            "the fallback engine")
     reconstruct_every_lines: int = Field(16, ge=0, description="progressive reconstruction cadence; 0 = at scan end only")
     heartbeat_interval_s: float = Field(1.0, gt=0)
     status_interval_s: float = Field(1.0, gt=0)

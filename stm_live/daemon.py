@@ -18,7 +18,7 @@ import zmq
 
 from stm_live.assembly import AssemblyError, FrameAssembler, ScanState
 from stm_live.config import Settings
-from stm_live.engines import create_engine
+from stm_live.engines import create_chain
 from stm_live.export import ExportProcess, interrupted_scans
 from stm_live.protocol import (
     INSTRUMENT_TYPES,
@@ -68,7 +68,9 @@ class Daemon:
         self.assembler = FrameAssembler(cfg.max_active_scans)
         self.recorder = Recorder(cfg.record_dir, max_open=cfg.max_active_scans) if cfg.record_dir else None
         self.exporter: ExportProcess | None = None
-        self.scheduler = ReconstructionScheduler(create_engine(cfg.engine, cfg.engine_threads, cfg.engine_backend), self._send_from_worker)
+        engines = create_chain(cfg.engine, cfg.engine_fallback, cfg.engine_timeout_s, cfg.engine_threads,
+                               cfg.engine_backend)
+        self.scheduler = ReconstructionScheduler(engines, self._send_from_worker)
         self.tip = (TipService(settings.tip, settings.conditioning, self._send_from_worker, security=self.security)
                     if settings.tip.enabled else None)
         self.drops = DropLog()
@@ -301,7 +303,7 @@ class Daemon:
         if self.state in ("idle", "acquiring"):
             self.state = "acquiring" if self.assembler.scans else "idle"
         counters = dict(self.counters)
-        counters.update(self.scheduler.counters)
+        counters.update(self.scheduler.all_counters())
         if self.tip is not None:
             counters.update(self.tip.all_counters())
         counters["dropped"] = sum(self.drops.counts.values())

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stm_live.assembly import DirectionFrames, ScanState
-from stm_live.engines import Reconstructor, reconstruct_exact
+from stm_live.engines import EngineChain
 from stm_live.metrics import LatencyWindow
 from stm_live.protocol import Frame
 
@@ -49,11 +49,11 @@ class FrameJob:
 class ReconstructionScheduler:
     """Pending jobs plus the worker thread that runs them."""
 
-    def __init__(self, engine: Reconstructor | None, sink: Callable[[Frame], None]) -> None:
+    def __init__(self, engine: EngineChain | None, sink: Callable[[Frame], None]) -> None:
         self.engine = engine
         self.sink = sink
         self.latency = LatencyWindow()
-        self.counters = {"frames_published": 0, "jobs_superseded": 0, "engine_errors": 0}
+        self.counters = {"frames_published": 0, "jobs_superseded": 0, "reconstructions_failed": 0}
         self._pending: OrderedDict[JobKey, FrameJob] = OrderedDict()
         self._cond = threading.Condition()
         self._closing = False
@@ -62,6 +62,9 @@ class ReconstructionScheduler:
     @property
     def method(self) -> str:
         return self.engine.name if self.engine else "none"
+
+    def all_counters(self) -> dict[str, int]:
+        return {**self.counters, **(self.engine.counters if self.engine else {})}
 
     def start(self) -> None:
         self._thread.start()
@@ -92,11 +95,12 @@ class ReconstructionScheduler:
         with self._cond:
             self._closing = True
             self._cond.notify()
-        if self._thread.ident is None:
-            return
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.error("reconstruction worker still busy after %.0f s at shutdown", timeout)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("reconstruction worker still busy after %.0f s at shutdown", timeout)
+        if self.engine is not None:
+            self.engine.close()
 
     def _take(self) -> list[FrameJob]:
         with self._cond:
@@ -118,21 +122,18 @@ class ReconstructionScheduler:
                 self._process(group)
 
     def _process(self, jobs: list[FrameJob]) -> None:
-        images = uncertainties = None
+        result = None
         if self.engine is not None:
             try:
-                result = reconstruct_exact(
-                    self.engine, np.stack([j.image for j in jobs]), np.stack([j.mask for j in jobs])
-                )
-                images, uncertainties = result.images, result.uncertainty
+                result = self.engine.reconstruct(np.stack([j.image for j in jobs]), np.stack([j.mask for j in jobs]))
             except Exception:
-                self.counters["engine_errors"] += 1
-                log.exception("engine %s failed on %d frame(s); publishing raw frames only", self.method, len(jobs))
+                self.counters["reconstructions_failed"] += 1
+                log.exception("no engine reconstructed %d frame(s); publishing raw frames only", len(jobs))
         for i, job in enumerate(jobs):
             self._emit(job, "raw", "measured", job.image, None)
-            if images is not None:
-                self._emit(job, "reconstructed", self.method, images[i],
-                           None if uncertainties is None else uncertainties[i])
+            if result is not None:
+                self._emit(job, "reconstructed", result.method, result.images[i],
+                           None if result.uncertainty is None else result.uncertainty[i])
 
     def _emit(self, job: FrameJob, kind: str, method: str, image: np.ndarray,
               uncertainty: np.ndarray | None) -> None:

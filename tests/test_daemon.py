@@ -7,7 +7,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from stm_live.engines import Reconstructor
+from stm_live.engines import ENGINES, Reconstruction, Reconstructor
 from stm_live.protocol import Decoder, Frame, Line, Truth
 from stm_live.recorder import read_journal
 from stm_live.sim.instrument import SimInstrument
@@ -137,27 +137,112 @@ class FailingEngine(Reconstructor):
         raise RuntimeError("simulated engine crash")
 
 
-def test_a_failing_engine_costs_reconstructions_only(harness):
-    """Every line is still recorded and every raw frame published; the failures are counted."""
-    harness.daemon.scheduler.engine = FailingEngine()
-    frame = make_frame(16, 8)
+class HangingEngine(Reconstructor):
+    """Never answers until released, as a wedged GPU runtime would."""
+
+    name = "hanging"
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.calls = 0
+
+    def reconstruct(self, measured, mask):
+        self.calls += 1
+        self.release.wait()
+        return Reconstruction(np.zeros(measured.shape))
+
+
+def _run_scan(harness, uid, frame):
     pub = harness.publisher
-    pub.scan_start(scan_start("crashy", rows=16, cols=8))
-    for row in range(16):
-        pub.line("crashy", row, "forward", CHANNELS, [frame[row], frame[row]])
-    pub.scan_end("crashy")
-    status = harness.status_after(lambda s: s.counters["scans_completed"] == 1 and s.counters["engine_errors"] >= 1)
-    assert status.counters["lines"] == 16 and status.state in ("idle", "acquiring")
-    harness.listener.until(lambda ms: any(f.final for f in harness.listener.frames(uid="crashy", kind="raw")))
-    final = [f for f in harness.listener.frames(uid="crashy", kind="raw", channel="Z") if f.final][-1]
-    assert np.array_equal(final.image, frame) and not harness.listener.frames(uid="crashy", kind="reconstructed")
-    journal = [e.message for e in read_journal(harness.daemon.recorder.journal_path("crashy"))]
-    assert sum(isinstance(m, Line) for m in journal) == 16
+    pub.scan_start(scan_start(uid, rows=frame.shape[0], cols=frame.shape[1]))
+    for row in range(frame.shape[0]):
+        pub.line(uid, row, "forward", CHANNELS, [frame[row], frame[row]])
+    pub.scan_end(uid)
+
+
+def _engine_harness(settings, monkeypatch, engine, fallback="classical"):
+    monkeypatch.setitem(ENGINES, engine.name, lambda threads, backend: engine)
+    settings.daemon.engine, settings.daemon.engine_fallback = engine.name, fallback
+    settings.daemon.engine_timeout_s = 0.2
+    context = zmq.Context()
+    return Harness(settings, context).start(), context
+
+
+def test_a_failing_engine_hands_every_frame_to_the_fallback(settings, monkeypatch):
+    """Every line is recorded and every frame reconstructed by the fallback; the failures are counted."""
+    harness, context = _engine_harness(settings, monkeypatch, FailingEngine())
+    try:
+        frame = make_frame(16, 8)
+        _run_scan(harness, "crashy", frame)
+        status = harness.status_after(lambda s: s.counters["scans_completed"] == 1 and s.counters["engine_errors"] >= 1)
+        assert status.counters["lines"] == 16 and status.state in ("idle", "acquiring")
+        finals = lambda: [f for f in harness.listener.frames(uid="crashy") if f.final]
+        harness.listener.until(lambda ms: len(finals()) == 4, what="final raw and reconstructed frames")
+        for f in finals():
+            assert f.method == ("classical" if f.kind == "reconstructed" else "measured")
+            assert np.array_equal(f.image[f.mask], frame[f.mask]) and np.isfinite(f.image).all()
+        journal = [e.message for e in read_journal(harness.daemon.recorder.journal_path("crashy"))]
+        assert sum(isinstance(m, Line) for m in journal) == 16
+    finally:
+        harness.stop()
+        context.term()
+
+
+def test_a_failing_engine_without_fallback_costs_reconstructions_only(settings, monkeypatch):
+    harness, context = _engine_harness(settings, monkeypatch, FailingEngine(), fallback="none")
+    try:
+        frame = make_frame(16, 8)
+        _run_scan(harness, "crashy", frame)
+        status = harness.status_after(lambda s: s.counters["scans_completed"] == 1
+                                      and s.counters["reconstructions_failed"] >= 1)
+        assert status.counters["engine_errors"] == status.counters["reconstructions_failed"]
+        harness.listener.until(lambda ms: any(f.final for f in harness.listener.frames(uid="crashy", kind="raw")))
+        final = [f for f in harness.listener.frames(uid="crashy", kind="raw", channel="Z") if f.final][-1]
+        assert np.array_equal(final.image, frame) and not harness.listener.frames(uid="crashy", kind="reconstructed")
+    finally:
+        harness.stop()
+        context.term()
+
+
+def test_a_hanging_engine_times_out_and_no_frame_is_lost(settings, monkeypatch):
+    """The wedged engine is skipped while it hangs (one timeout, not one per batch), the fallback
+    reconstructs every frame, and once the engine answers again it is used again."""
+    settings.daemon.reconstruct_every_lines = 4
+    hanging = HangingEngine()
+    harness, context = _engine_harness(settings, monkeypatch, hanging)
+    try:
+        frame = make_frame(16, 8)
+        for uid in ("wedged-0", "wedged-1"):
+            _run_scan(harness, uid, frame)
+        finals = lambda: [f for f in harness.listener.frames() if f.final and f.kind == "reconstructed"]
+        harness.listener.until(lambda ms: len(finals()) == 2 * 2, what="final reconstructions")
+        assert {f.method for f in finals()} == {"classical"}
+        status = harness.status_after(lambda s: s.counters["frames_published"] >= len(harness.listener.frames()) and
+                                      s.counters["scans_completed"] == 2)
+        assert status.counters["engine_timeouts"] == 1 and hanging.calls == 1
+        assert status.counters["engine_fallbacks"] >= 1 and status.counters["engines_hung"] == 1
+        assert status.counters["lines"] == 32 and status.counters["reconstructions_failed"] == 0
+
+        hanging.release.set()
+        wait_for(lambda: not harness.daemon.scheduler.engine.hung, 10, "the hung call to return")
+        _run_scan(harness, "recovered", frame)
+        harness.listener.until(lambda ms: any(f.final and f.method == "hanging"
+                                              for f in harness.listener.frames(uid="recovered")),
+                               what="the recovered engine's frame")
+        for uid in ("wedged-0", "wedged-1", "recovered"):
+            journal = [e.message for e in read_journal(harness.daemon.recorder.journal_path(uid))]
+            assert sum(isinstance(m, Line) for m in journal) == 16
+    finally:
+        hanging.release.set()
+        harness.stop()
+        context.term()
 
 
 def test_a_stalled_subscriber_does_not_hold_up_the_daemon_or_other_subscribers(settings):
-    """A subscriber that never reads: its own queue fills and ZeroMQ drops its messages alone."""
-    settings.zmq.output_hwm = 8
+    """A subscriber that never reads: its own queue fills and ZeroMQ drops its messages alone.
+    (The bound of 100 is a fifth of the ~530 messages sent, and gives the healthy subscriber
+    room for a scheduling hiccup on a loaded machine.)"""
+    settings.zmq.output_hwm = 100
     settings.daemon.reconstruct_every_lines = 1
     context = zmq.Context()
     stalled = context.socket(zmq.SUB)
