@@ -74,6 +74,11 @@ class EngineChain(Reconstructor):
         self._threads = [_EngineThread(engine) for engine in engines]
 
     @property
+    def backend(self) -> str:
+        """Where the first engine runs (a learned engine's runner, e.g. torch-cuda); '' if it does not say."""
+        return getattr(self._threads[0].engine, "backend", "")
+
+    @property
     def hung(self) -> list[str]:
         """Engines still busy with a call that timed out."""
         return [t.engine.name for t in self._threads if t.hung]

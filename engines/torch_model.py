@@ -32,15 +32,6 @@ from stm_live.models.weights import DEFAULT_WEIGHTS, load_model
 log = logging.getLogger(__name__)
 
 
-def white_noise_level(image: np.ndarray, mask: np.ndarray) -> float:
-    """Noise of the measured values from second differences along fully measured rows (std / sqrt 6)."""
-    rows = np.flatnonzero(mask.all(axis=1))
-    if rows.size == 0 or image.shape[1] < 3:
-        return 0.0
-    second = np.diff(image[rows].astype(np.float64), n=2, axis=1)
-    return float(np.median(np.std(second, axis=1)) / np.sqrt(6))
-
-
 class ModelReconstructor(Reconstructor):
     name = "masked-unet"
 
@@ -95,21 +86,6 @@ class ModelReconstructor(Reconstructor):
             images[i, :top] = images[i, bottom:] = np.nan
             uncertainty[i, :top] = uncertainty[i, bottom:] = np.nan
         return Reconstruction(images, uncertainty)
-
-    def sample(self, measured: np.ndarray, mask: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-        """(n, H, W) plausible reconstructions of one frame (measured pixels as measured)."""
-        rng = np.random.default_rng(seed)
-        transform = fit_transform(measured, mask)
-        base = network_input(measured, mask, transform)
-        sigma = white_noise_level(measured, mask) / transform.scale
-        batch = np.repeat(base[None], n, axis=0)
-        batch[:, 0] += (sigma * rng.standard_normal((n, *mask.shape)) * mask).astype(np.float32)
-        mean, _ = self._infer(batch)
-        samples = np.stack([transform.inverse(m) for m in mean])
-        samples[:, mask] = measured[mask]
-        top, bottom = inferable_rows(mask)
-        samples[:, :top] = samples[:, bottom:] = np.nan
-        return samples
 
 
 def export_onnx(path: str, weights: Path = DEFAULT_WEIGHTS, opset: int = 17) -> None:

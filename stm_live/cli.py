@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from stm_live.config import ConfigError, Settings, load_settings, settings_as_toml
@@ -201,6 +202,31 @@ def cmd_eval_tip(args: argparse.Namespace) -> int:
     with tqdm(total=5 * args.episodes, unit="episode", desc="evaluating") as bar:
         result = evaluate_tip(classifier, args.episodes, args.stride, args.hop, bar.update)
     _print_json(result, args.json)
+    return 0
+
+
+def cmd_eval_locate(args: argparse.Namespace) -> int:
+    from stm_live.engines.registry import create_engine
+    from stm_live.localize.evaluation import evaluate
+
+    engine = create_engine(args.engine)
+    _print_json(evaluate(engine, args.frames, args.lattice_frames, args.samples, args.plan, args.size, args.seed),
+                args.json)
+    return 0
+
+
+def cmd_locate(args: argparse.Namespace) -> int:
+    from stm_live.engines.registry import create_engine
+    from stm_live.localize.evaluation import locate_file
+    from stm_live.localize.figures import plot_locate
+
+    report, locmap, image, mask = locate_file(args.file, create_engine(args.engine), args.plan, args.spacing,
+                                              args.samples, args.seed)
+    if args.plot:
+        plot_locate(report, locmap, image, mask, args.plot)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    _print_json(report if args.atoms else {k: v for k, v in report.items() if k != "atoms"}, None)
     return 0
 
 
@@ -410,6 +436,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the result here too")
     p.set_defaults(func=cmd_eval_tip)
 
+    p = sub.add_parser("eval-locate", help="`stm-live eval locate`: atom positions, localization maps and lattices "
+                                           "against simulator truth")
+    p.add_argument("--frames", type=int, default=6, help="frames per surface for atom positions")
+    p.add_argument("--lattice-frames", type=int, default=50, help="molecular-layer frames for the lattice analysis")
+    p.add_argument("--samples", type=int, default=32, help="stochastic reconstructions per localization map")
+    p.add_argument("--plan", default="lines:4")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--engine", default="classical")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the result here too")
+    p.set_defaults(func=cmd_eval_locate)
+
+    p = sub.add_parser("locate", help="atoms (localization map) and lattice of a recorded scan")
+    p.add_argument("file", help=".sxm, .sm4, .dat or .npy scan")
+    p.add_argument("--plan", default="full", help="scan it through this plan first (e.g. lines:4) to see a sparse scan")
+    p.add_argument("--spacing", type=float, help="atom spacing in nm (default: from the dominant Fourier period)")
+    p.add_argument("--samples", type=int, default=32, help="stochastic reconstructions")
+    p.add_argument("--engine", default="classical")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--atoms", action="store_true", help="list every atom in the output")
+    p.add_argument("--plot", help="write a figure: scan, reconstruction, localization map")
+    p.add_argument("--json", help="write the result (with every atom) here too")
+    p.set_defaults(func=cmd_locate)
+
     p = sub.add_parser("view", help="the live viewer: measured, reconstructed and uncertainty, tip state and alerts")
     p.add_argument("--connect", help="the daemon's output endpoint (default: daemon.output)")
     p.add_argument("--snapshots", help="write a PNG of the view to this directory every --every seconds")
@@ -510,8 +560,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import zmq
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["eval", "tip"]:
-        argv[:2] = ["eval-tip"]
+    if argv[:2] in (["eval", "tip"], ["eval", "locate"]):
+        argv[:2] = [f"eval-{argv[1]}"]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

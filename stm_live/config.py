@@ -58,6 +58,21 @@ class DaemonSettings(_Section):
                                                            "instrument stopped or died) is closed as aborted")
 
 
+class LocalizeSettings(_Section):
+    enabled: bool = Field(True, description="publish a localization map (atoms, density, lattice) of every final "
+                                            "frame of the listed channels")
+    channels: list[str] = Field(["Z", "Topography"], description="height channels to localize")
+    directions: list[Literal["forward", "backward"]] = Field(["forward"], min_length=1)
+    samples: int = Field(100, ge=1, le=1000, description="stochastic reconstructions per map on a GPU engine")
+    samples_cpu: int = Field(16, ge=1, le=1000, description="stochastic reconstructions per map on the CPU")
+    spacing_nm: float = Field(0.0, ge=0, description="atom nearest-neighbour distance; 0 = from the dominant "
+                                                     "Fourier period (assumes a close-packed layer)")
+    sigma_nm: float = Field(0.0, ge=0, description="Gaussian width of the density map; 0 = spacing / 10")
+    min_support: float = Field(0.5, gt=0, le=1, description="fraction of reconstructions that must find an atom")
+    max_queued: int = Field(4, ge=1, description="frames waiting for localization; beyond this the oldest is dropped")
+    max_duty: float = Field(0.5, gt=0, le=1, description="fraction of the time the localization thread may work")
+
+
 class LimitSettings(_Section):
     max_header_bytes: int = Field(65536, ge=256)
     max_rows: int = Field(8192, ge=1)
@@ -192,6 +207,7 @@ class Settings(_Section):
     replay: ReplaySettings = ReplaySettings()
     security: SecuritySettings = SecuritySettings()
     tip: TipSettings = TipSettings()
+    localize: LocalizeSettings = LocalizeSettings()
     conditioning: ConditioningSettings = ConditioningSettings()
     demo: DemoSettings = DemoSettings()
 

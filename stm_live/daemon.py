@@ -2,9 +2,10 @@
 
 Data flows one way. The ingest thread receives a message, decodes it strictly, appends it to
 the scan's journal (before anything else happens to it), then routes it to the frame assembler;
-every `reconstruct_every_lines` lines and at scan end it hands a snapshot to the scheduler, and
-every line to the tip monitor. The reconstruction and tip-monitor threads send their messages
-(frames; tip readings, alerts, actions) back over an inproc socket, and the ingest thread, the
+every `reconstruct_every_lines` lines and at scan end it hands a snapshot to the scheduler, at
+scan end the final height frames to the localization thread, and every line to the tip monitor.
+The reconstruction, localization and tip-monitor threads send their messages (frames; locmaps;
+tip readings, alerts, actions) back over an inproc socket, and the ingest thread, the
 only owner of the output socket, publishes them with heartbeats and status.
 """
 
@@ -16,10 +17,11 @@ import time
 
 import zmq
 
-from stm_live.assembly import AssemblyError, FrameAssembler, ScanState
+from stm_live.assembly import AssemblyError, DirectionFrames, FrameAssembler, ScanState
 from stm_live.config import Settings
 from stm_live.engines import create_chain
 from stm_live.export import ExportProcess, interrupted_scans
+from stm_live.localize.service import LocalizationService, LocalizeJob
 from stm_live.protocol import (
     INSTRUMENT_TYPES,
     Decoder,
@@ -71,6 +73,13 @@ class Daemon:
         engines = create_chain(cfg.engine, cfg.engine_fallback, cfg.engine_timeout_s, cfg.engine_threads,
                                cfg.engine_backend)
         self.scheduler = ReconstructionScheduler(engines, self._send_from_worker)
+        self.localize = None
+        if settings.localize.enabled:
+            localize_engines = create_chain("classical" if cfg.engine == "none" else cfg.engine, cfg.engine_fallback,
+                                            cfg.engine_timeout_s, cfg.engine_threads, cfg.engine_backend)
+            self.localize = LocalizationService(settings.localize, localize_engines, self._send_from_worker,
+                                                settings.limits.max_cols, min(settings.limits.max_rows,
+                                                                              settings.limits.max_cols))
         self.tip = (TipService(settings.tip, settings.conditioning, self._send_from_worker, security=self.security)
                     if settings.tip.enabled else None)
         self.drops = DropLog()
@@ -113,6 +122,8 @@ class Daemon:
             self.security.bind(pub, cfg.output)
             self.security.connect(sub, cfg.input)
             self.scheduler.start()
+            if self.localize is not None:
+                self.localize.start()
             if self.tip is not None:
                 self.tip.start()
             if self.recorder is not None and cfg.export_hdf5:
@@ -128,6 +139,9 @@ class Daemon:
             for scan in self.assembler.close_all("aborted"):
                 self._finish_scan(scan)
             self.scheduler.close()
+            if self.localize is not None:
+                self.localize.close()
+                self.localize.engine.close()
             if self.tip is not None:
                 self.tip.close()
             self._forward(results, pub)
@@ -268,6 +282,7 @@ class Daemon:
         for direction, frames in state.directions.items():
             if frames.rows_seen.any():
                 self.scheduler.submit_scan(state, direction, frames, final=True)
+                self._submit_localization(state, direction, frames)
         self.counters["scans_completed" if state.end_reason == "complete" else "scans_aborted"] += 1
         self.counters["out_of_order"] += state.out_of_order
         self.counters["missing_lines"] += state.missing
@@ -278,6 +293,14 @@ class Daemon:
             self.recorder.close_scan(state.uid)
             if self.exporter is not None:
                 self.exporter.submit(self.recorder.journal_path(state.uid), state.end_reason or "aborted")
+
+    def _submit_localization(self, state: ScanState, direction: str, frames: DirectionFrames) -> None:
+        if self.localize is None:
+            return
+        for info, image in zip(state.start.channels, frames.images):
+            if self.localize.wants(info.name, direction):
+                self.localize.submit(LocalizeJob(state.uid, info.name, direction, state.start.size_nm, image.copy(),
+                                                 frames.measured.copy(), time.perf_counter()))
 
     # -- output path ------------------------------------------------------------------------
     def _send_from_worker(self, msg: Message) -> None:
@@ -306,6 +329,8 @@ class Daemon:
         counters.update(self.scheduler.all_counters())
         if self.tip is not None:
             counters.update(self.tip.all_counters())
+        if self.localize is not None:
+            counters.update(self.localize.counters)
         counters["dropped"] = sum(self.drops.counts.values())
         latency = {k: v for k, v in self.scheduler.latency.summary().items() if k != "n"}
         if self.record_error:

@@ -5,8 +5,8 @@ Targets, each with the one exception type it is allowed to raise on bad input:
 - `action`: action-channel requests -> ActionServer's answer, never an exception (a refusal);
 - `nanonis`: Nanonis TCP replies to every client command, through a real socket pair ->
   NanonisClient, NanonisProtocolError / NanonisError / ConnectionError;
-- `scanfile`: .sxm, .dat and .npy files (a real scan when ../shared/data/real is present, and
-  files written here) -> read_scan_file, ScanFileError;
+- `scanfile`: .sxm, .sm4, .dat and .npy files (real scans when ../shared/data/real is present,
+  and files written here) -> read_scan_file, ScanFileError;
 - `config`: TOML text -> load_settings, ConfigError.
 Seeds are valid inputs; mutations flip bits, overwrite, insert, delete and duplicate byte runs,
 truncate, and splice frames. Any other exception is a crash: its input is saved under `out_dir`
@@ -200,13 +200,20 @@ def _nanonis_target() -> Target:
                   lambda item: item[0].encode() + b"\n" + item[1])
 
 
+HEADER_ENDS = {  # where each binary format's header ends: most mutations go there, where parsing happens
+    ".sxm": lambda data: data.find(b":SCANIT_END:") + 12,
+    ".sm4": lambda data: min(len(data), 8192),  # file header, page index and page headers
+}
+
+
 def _scanfile_target(work: Path) -> Target:
     from stm_live.drivers.scanfiles import ScanFileError, read_scan_file
 
     seeds: list[tuple[str, bytes]] = []
-    real = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "Si_7x7_051.sxm"
-    if real.exists():
-        seeds.append((".sxm", real.read_bytes()))
+    real = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+    for name in ("Si_7x7_051.sxm", "graphite_ABC_9K_065.sm4"):
+        if (real / name).exists():
+            seeds.append(((real / name).suffix, (real / name).read_bytes()))
     npy = work / "seed.npy"
     np.save(npy, np.random.default_rng(0).normal(size=(16, 16)).astype(np.float32))
     seeds.append((".npy", npy.read_bytes()))
@@ -221,8 +228,8 @@ def _scanfile_target(work: Path) -> Target:
 
     def mutate_file(item: tuple[str, bytes], rng: np.random.Generator) -> tuple[str, bytes]:
         suffix, data = item
-        if suffix == ".sxm" and rng.random() < 0.7:
-            end = data.find(b":SCANIT_END:") + 12
+        if suffix in HEADER_ENDS and rng.random() < 0.7:
+            end = HEADER_ENDS[suffix](data)
             return suffix, mutate(data[:end], rng) + data[end:]
         return suffix, mutate(data, rng)
 

@@ -197,9 +197,38 @@ class ActionReport:
     type = "action"
 
 
-Message = Union[ScanStart, Line, ScanEnd, Heartbeat, Frame, Status, Truth, TipReport, TipAlert, ActionReport]
+@dataclass(frozen=True)
+class LocMap:
+    """A localization map of one final frame; always inferred. `atoms` is (5, K): x_nm, y_nm,
+    flattened height, localization precision (nm, 1 sigma), support (reconstructions, of
+    `samples`). `density` covers the frame at `density_pixel_nm`. `bravais` is 'none' with an
+    empty `lattice` (a_nm, b_nm, angle_deg) when the frame shows no 2D lattice."""
+
+    uid: str
+    channel: str
+    direction: str
+    method: str
+    samples: int
+    spacing_nm: float
+    sigma_nm: float
+    density_pixel_nm: float
+    bravais: str
+    lattice: dict[str, float]
+    latency_s: float
+    t: float
+    density: np.ndarray
+    atoms: np.ndarray
+    type = "locmap"
+
+
+ATOM_COLUMNS = ("x_nm", "y_nm", "height", "precision_nm", "support")
+BRAVAIS_CLASSES = ("oblique", "rectangular", "centered_rectangular", "square", "hexagonal", "none")
+LATTICE_FIELDS = ("a_nm", "b_nm", "angle_deg")
+
+Message = Union[ScanStart, Line, ScanEnd, Heartbeat, Frame, Status, Truth, TipReport, TipAlert, ActionReport,
+                LocMap]
 INSTRUMENT_TYPES = ("scan_start", "line", "scan_end", "heartbeat")
-TYPES = INSTRUMENT_TYPES + ("frame", "status", "truth", "tip", "alert", "action")
+TYPES = INSTRUMENT_TYPES + ("frame", "status", "truth", "tip", "alert", "action", "locmap")
 TIP_STATES = ("good", "blunt", "multi", "unstable", "changed")
 ACTION_OUTCOMES = ("requested", "refused", "executed", "dry_run", "failed", "recovered", "not_recovered")
 
@@ -255,6 +284,12 @@ def encode(msg: Message) -> list[Any]:
                       probabilities=msg.probabilities, recommendation=msg.recommendation, t=msg.t)
     elif isinstance(msg, ActionReport):
         header.update(request=msg.request, origin=msg.origin, outcome=msg.outcome, detail=msg.detail, t=msg.t)
+    elif isinstance(msg, LocMap):
+        header.update(uid=msg.uid, channel=msg.channel, direction=msg.direction, method=msg.method,
+                      samples=msg.samples, spacing_nm=msg.spacing_nm, sigma_nm=msg.sigma_nm,
+                      density_pixel_nm=msg.density_pixel_nm, bravais=msg.bravais, lattice=msg.lattice,
+                      latency_s=msg.latency_s, t=msg.t)
+        arrays = [("density", msg.density), ("atoms", msg.atoms)]
     else:
         raise TypeError(f"not a protocol message: {type(msg).__name__}")
     contiguous = [np.ascontiguousarray(a) for _, a in arrays]
@@ -404,7 +439,7 @@ class Decoder:
                 raise ProtocolError("bad_dtype", f"dtype {typestr!r} not allowed")
             if type(shape) is not list or not 1 <= len(shape) <= 2 or any(type(n) is not int for n in shape):
                 raise ProtocolError("bad_shape", f"shape {shape!r} is not 1-D or 2-D")
-            if not 0 < shape[-1] <= max_cols or (len(shape) == 2 and not 0 < shape[0] <= max_rows):
+            if not 0 <= shape[-1] <= max_cols or (len(shape) == 2 and not 0 <= shape[0] <= max_rows):
                 raise ProtocolError("oversized", f"shape {shape} beyond limits")
             buf = _buffer(frame)
             if len(buf) != math.prod(shape) * dtype.itemsize:
@@ -448,8 +483,8 @@ class Decoder:
         if not arrays:
             raise ProtocolError("array_mismatch", "a line carries at least one channel")
         for a in arrays:
-            if a.ndim != 1:
-                raise ProtocolError("bad_shape", "line arrays must be 1-D")
+            if a.ndim != 1 or a.size == 0:
+                raise ProtocolError("bad_shape", "line arrays must be 1-D and not empty")
         if len(set(names)) != len(names):
             raise ProtocolError("bad_field", "duplicate channel in line")
         return Line(
@@ -470,8 +505,9 @@ class Decoder:
     def _frame(self, f: _Fields, names: list[str], arrays: list[np.ndarray]) -> Frame:
         if names[:2] != ["image", "mask"] or names[2:] not in ([], ["uncertainty"]):
             raise ProtocolError("array_mismatch", f"frame arrays {names}")
-        if any(a.ndim != 2 or a.shape != arrays[0].shape for a in arrays) or arrays[1].dtype != np.uint8:
-            raise ProtocolError("bad_shape", "frame arrays must share one 2-D shape; mask is u1")
+        if (any(a.ndim != 2 or a.shape != arrays[0].shape for a in arrays) or arrays[1].dtype != np.uint8
+                or arrays[0].size == 0):
+            raise ProtocolError("bad_shape", "frame arrays must share one non-empty 2-D shape; mask is u1")
         return Frame(
             uid=f.pattern("uid", _UID), channel=f.pattern("channel", _NAME), unit=f.get("unit", str),
             direction=f.choice("direction", LINE_DIRECTIONS), kind=f.choice("kind", FRAME_KINDS),
@@ -522,6 +558,22 @@ class Decoder:
                             t=f.number("t"))
 
 
+    def _locmap(self, f: _Fields, names: list[str], arrays: list[np.ndarray]) -> LocMap:
+        if names != ["density", "atoms"]:
+            raise ProtocolError("array_mismatch", f"locmap arrays {names}")
+        density, atoms = arrays
+        if density.ndim != 2 or density.size == 0 or atoms.ndim != 2 or atoms.shape[0] != len(ATOM_COLUMNS):
+            raise ProtocolError("bad_shape", f"locmap density {density.shape}, atoms {atoms.shape}")
+        bravais = f.choice("bravais", BRAVAIS_CLASSES)
+        lattice = f.numbers("lattice", () if bravais == "none" else LATTICE_FIELDS)
+        return LocMap(uid=f.pattern("uid", _UID), channel=f.pattern("channel", _NAME),
+                      direction=f.choice("direction", LINE_DIRECTIONS), method=f.get("method", str)[:64],
+                      samples=f.count("samples", 1, 10_000), spacing_nm=f.number("spacing_nm"),
+                      sigma_nm=f.number("sigma_nm"), density_pixel_nm=f.number("density_pixel_nm"),
+                      bravais=bravais, lattice=lattice, latency_s=f.number("latency_s"), t=f.number("t"),
+                      density=density, atoms=atoms)
+
+
 def _no_arrays(arrays: list[np.ndarray]) -> None:
     if arrays:
         raise ProtocolError("array_mismatch", "this message type carries no arrays")
@@ -532,4 +584,7 @@ def _buffer(frame: Any) -> memoryview | bytes:
     if type(frame) is bytes or type(frame) is memoryview:
         return frame
     buffer = getattr(frame, "buffer", None)
-    return buffer if buffer is not None else memoryview(frame)
+    if buffer is not None:
+        return buffer
+    view = memoryview(frame)
+    return view.cast("B") if view.nbytes else b""

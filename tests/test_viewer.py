@@ -13,7 +13,7 @@ import zmq  # noqa: E402
 from PySide6 import QtGui, QtWidgets  # noqa: E402
 
 from stm_live.demo import free_tcp_endpoint  # noqa: E402
-from stm_live.protocol import Frame, TipAlert, encode  # noqa: E402
+from stm_live.protocol import Frame, LocMap, TipAlert, encode  # noqa: E402
 from stm_live.sim.instrument import SimInstrument  # noqa: E402
 from stm_live.viewer.model import ViewerModel, robust_levels  # noqa: E402
 from stm_live.viewer.window import ViewerWindow  # noqa: E402
@@ -40,6 +40,7 @@ def recorded(tmp_path_factory):
     settings.daemon.reconstruct_every_lines = 16
     settings.tip.hop = 2
     settings.daemon.engine = "model"
+    settings.localize.spacing_nm = 0.67
     context = zmq.Context()
     h = Harness(settings, context, with_publisher=False).start()
     sim = SimInstrument(settings.daemon.input, size=128, plan="lines:2", line_rate_hz=1500, seed=3, tip="unstable",
@@ -49,6 +50,7 @@ def recorded(tmp_path_factory):
         thread.start()
         h.listener.until(lambda ms: any(isinstance(m, Frame) and m.final and m.kind == "reconstructed" for m in ms),
                          what="the final frame")
+        h.listener.until(lambda ms: any(isinstance(m, LocMap) for m in ms), what="the localization map")
         thread.join(30)
         h.listener.pump(0.5)
     finally:
@@ -64,7 +66,7 @@ def panel_pixels(window: ViewerWindow, name: str) -> np.ndarray:
     pixels = np.frombuffer(image.constBits(), np.uint8).reshape(image.height(), image.bytesPerLine() // 4, 4)
     box = window.views[name].getViewBox()
     rect = window.graphics.mapFromScene(box.sceneBoundingRect()).boundingRect()
-    return pixels[rect.top():rect.bottom(), rect.left():rect.right()]
+    return pixels[rect.top():rect.bottom(), rect.left():rect.right()].copy()  # the QImage dies with this call
 
 
 def test_viewer_renders_a_recorded_stream_received_over_zeromq(qapp, recorded, tmp_path):
@@ -87,13 +89,16 @@ def test_viewer_renders_a_recorded_stream_received_over_zeromq(qapp, recorded, t
         window.render()
         qapp.processEvents()
 
-        for name in ("measured", "reconstructed", "uncertainty"):
+        for name in ("measured", "reconstructed", "uncertainty", "localization"):
             pixels = panel_pixels(window, name)
             assert pixels.size and pixels[..., :3].std() > 10, f"{name} panel is empty"
         assert "INFERRED" in window.views["reconstructed"].titleLabel.text
+        title = window.views["localization"].titleLabel.text
+        assert "INFERRED" in title and "masked-unet samples" in title and "sim-3-0000" in title
+        assert len(window.atoms.data) > 50
         assert window.banner.isVisible() and "TIP ALERT" in window.banner.text()
         assert all(bar.isVisible() and bar.text.toPlainText().endswith("nm") for bar in window.scale_bars.values())
-        assert len(window.scale_bars) == 3
+        assert len(window.scale_bars) == 4
         assert "engine masked-unet" in window.status_label.text()
         assert window.tip_label.text().startswith("tip: ")
 

@@ -2,7 +2,9 @@
 
 Every received message goes through `ViewerModel.apply`; frames only replace the slot of their
 (scan, channel, direction, kind), so however fast the daemon publishes, the viewer holds one
-frame per slot and renders the newest one. The model follows the scan that spoke last.
+frame per slot and renders the newest one. The model follows the scan that spoke last. A
+localization map arrives after its scan's final frame, usually when the next scan has begun, so
+the newest map per (channel, direction) is kept whichever scan it belongs to.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stm_live.protocol import ActionReport, Frame, Message, Status, TipAlert, TipReport
+from stm_live.protocol import ActionReport, Frame, LocMap, Message, Status, TipAlert, TipReport
 
 SlotKey = tuple[str, str, str, str]
 
@@ -26,6 +28,7 @@ class ViewerModel:
     alert: TipAlert | None = None
     actions: deque = field(default_factory=lambda: deque(maxlen=20))
     status: Status | None = None
+    locmaps: dict[tuple[str, str], LocMap] = field(default_factory=dict)
     received: int = 0
     invalid: int = 0
     version: int = 0
@@ -49,6 +52,8 @@ class ViewerModel:
             self.actions.append(msg)
         elif isinstance(msg, Status):
             self.status = msg
+        elif isinstance(msg, LocMap):
+            self.locmaps[(msg.channel, msg.direction)] = msg
 
     def _switch_scan(self, uid: str) -> None:
         """A new scan: drop the old scan's frames (one scan on screen at a time)."""

@@ -28,7 +28,7 @@ import pyqtgraph as pg
 import zmq
 from PySide6 import QtCore, QtWidgets
 
-from stm_live.protocol import Decoder, Frame, Message, ProtocolError
+from stm_live.protocol import Decoder, Frame, LocMap, Message, ProtocolError
 from stm_live.security import LOOPBACK_ONLY, Security
 from stm_live.viewer.model import ViewerModel, robust_levels
 
@@ -40,6 +40,7 @@ TIP_COLOURS = {"good": "#2e7d32", "blunt": "#ef6c00", "multi": "#c62828", "unsta
 PANELS = (("measured", "raw", "Measured (as scanned)"),
           ("reconstructed", "reconstructed", "Reconstructed: INFERRED where not measured"),
           ("uncertainty", "reconstructed", "Uncertainty (1 sigma) of inferred pixels"))
+LOCALIZATION = "localization"
 
 
 class ViewerWindow(QtWidgets.QMainWindow):
@@ -54,7 +55,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self.render_ms: deque[float] = deque(maxlen=10_000)
         self._levels_locked: dict[str, tuple[float, float]] = {}
         self.setWindowTitle("stm-live viewer")
-        self.resize(1500, 620)
+        self.resize(1900, 620)
         self._build()
         self.socket: zmq.Socket | None = None
         self.notifier: QtCore.QSocketNotifier | None = None
@@ -108,6 +109,17 @@ class ViewerWindow(QtWidgets.QMainWindow):
             image.setColorMap(pg.colormap.get("viridis" if name == "uncertainty" else "inferno"))
             view.addItem(image)
             self.views[name], self.images[name] = view, image
+        view = self.graphics.addPlot(row=0, col=len(PANELS), title="Localization map: INFERRED (none yet)")
+        view.setAspectLocked(True)
+        view.invertY(True)
+        view.hideAxis("left")
+        view.hideAxis("bottom")
+        image = pg.ImageItem()
+        image.setColorMap(pg.colormap.get("magma"))
+        view.addItem(image)
+        self.atoms = pg.ScatterPlotItem(size=5, pen=pg.mkPen("c", width=0.8), brush=None, pxMode=True)
+        view.addItem(self.atoms)
+        self.views[LOCALIZATION], self.images[LOCALIZATION] = view, image
         self.setCentralWidget(central)
         self.status_label = QtWidgets.QLabel("waiting for the daemon")
         self.statusBar().addWidget(self.status_label, 1)
@@ -115,7 +127,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
     # -- input --------------------------------------------------------------------------------
     def connect(self, endpoint: str, context: zmq.Context, security: Security = LOOPBACK_ONLY) -> None:
         self.socket = context.socket(zmq.SUB)
-        for topic in (b"frame", b"status", b"tip", b"alert", b"action"):
+        for topic in (b"frame", b"status", b"tip", b"alert", b"action", b"locmap"):
             self.socket.setsockopt(zmq.SUBSCRIBE, topic)
         self.socket.setsockopt(zmq.RCVHWM, 1000)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -167,6 +179,9 @@ class ViewerWindow(QtWidgets.QMainWindow):
                 self.views[name].setTitle(f"Uncertainty: not reported by the {frame.method} engine")
                 continue
             self._show(name, np.asarray(image, np.float32), frame)
+        locmap = self.model.locmaps.get((channel, direction))
+        if locmap is not None:
+            self._show_locmap(locmap)
         self._show_tip()
         self._show_status()
         self.renders += 1
@@ -183,6 +198,22 @@ class ViewerWindow(QtWidgets.QMainWindow):
         title = dict((n, t) for n, _, t in PANELS)[name]
         state = "final" if frame.final else f"{frame.rows_seen} rows"
         self.views[name].setTitle(f"{title} [{frame.method}, {state}]")
+
+    def _show_locmap(self, locmap: LocMap) -> None:
+        """Density of localizations with the pooled atoms on top; the title says what it rests on."""
+        rows, cols = locmap.density.shape
+        item = self.images[LOCALIZATION]
+        item.setImage(locmap.density, levels=robust_levels(locmap.density, 0.0, 99.9), autoLevels=False)
+        item.setRect(QtCore.QRectF(0, 0, cols * locmap.density_pixel_nm, rows * locmap.density_pixel_nm))
+        self.atoms.setData(locmap.atoms[0], locmap.atoms[1])
+        if LOCALIZATION not in self.scale_bars:
+            self.scale_bars[LOCALIZATION] = self._scale_bar(LOCALIZATION, cols * locmap.density_pixel_nm)
+        precision = f"{1000 * np.median(locmap.atoms[3]):.1f} pm" if locmap.atoms.shape[1] else "-"
+        lattice = (f"{locmap.bravais} a={locmap.lattice['a_nm']:.3f} b={locmap.lattice['b_nm']:.3f} nm"
+                   if locmap.lattice else "no lattice")
+        self.views[LOCALIZATION].setTitle(
+            f"Localization map: INFERRED [{locmap.uid}, {locmap.atoms.shape[1]} atoms, {locmap.samples} "
+            f"{locmap.method} samples, median precision {precision}, {lattice}]")
 
     def _scale_bar(self, name: str, width_nm: float) -> pg.ScaleBar:
         length = float(10 ** np.floor(np.log10(width_nm / 4)))

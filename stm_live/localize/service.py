@@ -1,0 +1,139 @@
+"""The daemon's localization thread: a localization map and lattice for every final frame.
+
+Localization costs N engine reconstructions, so it never runs on the ingest or reconstruction
+threads: the ingest thread hands over a copy of each final frame of the configured height
+channels, and this thread publishes a `locmap` message per frame. The queue is bounded; when
+frames arrive faster than they can be localized the oldest waiting one is dropped and counted.
+The thread rests after each map so that it uses at most `max_duty` of the time: on a machine
+with few cores the ingest, reconstruction and tip threads keep their share.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from stm_live.config import LocalizeSettings
+from stm_live.engines import Reconstructor, reconstruct_exact
+from stm_live.localize.lattice import LatticeError, analyze_lattice
+from stm_live.localize.locmap import localization_map
+from stm_live.localize.peaks import dominant_spacing_nm
+from stm_live.protocol import ATOM_COLUMNS, LocMap, Message
+
+log = logging.getLogger(__name__)
+
+MIN_FRAME_PX = 32
+
+
+@dataclass(frozen=True)
+class LocalizeJob:
+    uid: str
+    channel: str
+    direction: str
+    size_nm: tuple[float, float]
+    image: np.ndarray
+    mask: np.ndarray
+    submitted: float
+
+
+class LocalizationService:
+    def __init__(self, settings: LocalizeSettings, engine: Reconstructor, sink: Callable[[Message], None],
+                 max_atoms: int = 8192, max_density_px: int = 8192) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.sink = sink
+        self.max_atoms, self.max_density_px = max_atoms, max_density_px
+        backend = getattr(engine, "backend", "")
+        self.samples = settings.samples if "cuda" in backend else settings.samples_cpu
+        self.counters = {"locmaps_published": 0, "locmaps_dropped": 0, "locmaps_skipped": 0, "locmap_errors": 0}
+        self._jobs: queue.Queue[LocalizeJob | None] = queue.Queue(settings.max_queued)
+        self._rng = np.random.default_rng()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stm-live-localize", daemon=True)
+
+    def wants(self, channel: str, direction: str) -> bool:
+        return channel in self.settings.channels and direction in self.settings.directions
+
+    def start(self) -> None:
+        log.info("localization maps from %d %s reconstructions each", self.samples, self.engine.name)
+        self._thread.start()
+
+    def submit(self, job: LocalizeJob) -> None:
+        """Called on the ingest thread; never blocks."""
+        while True:
+            try:
+                self._jobs.put_nowait(job)
+                return
+            except queue.Full:
+                try:
+                    dropped = self._jobs.get_nowait()
+                except queue.Empty:
+                    continue
+                if dropped is not None:
+                    self.counters["locmaps_dropped"] += 1
+                    log.warning("localization behind: dropped the map of %s/%s", dropped.uid, dropped.channel)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish the frames already queued, then stop."""
+        if self._thread.ident is None:
+            return
+        self._closing.set()
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        duty = self.settings.max_duty
+        while (job := self._jobs.get()) is not None:
+            started = time.perf_counter()
+            try:
+                message = self.localize(job)
+            except Exception:
+                self.counters["locmap_errors"] += 1
+                log.exception("localization of %s/%s failed", job.uid, job.channel)
+                message = None
+            if message is not None:
+                self.sink(message)
+                self.counters["locmaps_published"] += 1
+            self._closing.wait((time.perf_counter() - started) * (1 - duty) / duty)
+
+    def localize(self, job: LocalizeJob) -> LocMap | None:
+        rows, cols = job.image.shape
+        measured_rows = job.mask.any(axis=1).sum()
+        if min(rows, cols) < MIN_FRAME_PX or measured_rows < 4:
+            self.counters["locmaps_skipped"] += 1
+            return None
+        pixel = job.size_nm[0] / cols
+        single = reconstruct_exact(self.engine, job.image[None], job.mask[None]).images[0]
+        try:
+            spacing = self.settings.spacing_nm or dominant_spacing_nm(single, pixel)
+        except ValueError as exc:
+            self.counters["locmaps_skipped"] += 1
+            log.info("no localization map for %s/%s: %s", job.uid, job.channel, exc)
+            return None
+        try:
+            lattice = analyze_lattice(single, pixel)
+            bravais = lattice.bravais
+            a, b = lattice.lengths_nm
+            lattice_fields = {"a_nm": a, "b_nm": b, "angle_deg": lattice.angle_deg}
+        except LatticeError:
+            bravais, lattice_fields = "none", {}
+        upsample = 2 if 2 * max(rows, cols) <= self.max_density_px else 1
+        result = localization_map(self.engine, job.image, job.mask, pixel, spacing, self.samples, self._rng,
+                                  self.settings.sigma_nm or None, self.settings.min_support, upsample)
+        atoms = result.atoms
+        table = np.stack([getattr(atoms, c) for c in ATOM_COLUMNS]).astype(np.float64)
+        if table.shape[1] > self.max_atoms:
+            log.warning("%s/%s: %d atoms, publishing the %d best supported", job.uid, job.channel,
+                        table.shape[1], self.max_atoms)
+            table = table[:, np.argsort(-atoms.support, kind="stable")[:self.max_atoms]]
+        return LocMap(uid=job.uid, channel=job.channel, direction=job.direction, method=self.engine.name,
+                      samples=self.samples, spacing_nm=float(spacing), sigma_nm=result.sigma_nm,
+                      density_pixel_nm=result.density_pixel_nm, bravais=bravais, lattice=lattice_fields,
+                      latency_s=time.perf_counter() - job.submitted, t=time.time(),
+                      density=result.density, atoms=table)

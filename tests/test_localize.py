@@ -1,0 +1,224 @@
+"""Atoms, localization maps and lattices: synthetic lattices with known positions, simulator
+frames with ground truth, a real scan, the wire message, and the daemon publishing maps."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zmq
+
+from stm_live.engines.classical import ClassicalReconstructor
+from stm_live.localize.evaluation import evaluate, match, sparse_peaks
+from stm_live.localize.lattice import LatticeError, analyze_lattice, classify
+from stm_live.localize.locmap import localization_map, stochastic_reconstructions
+from stm_live.localize.peaks import dominant_spacing_nm, find_peaks, pixel_noise
+from stm_live.plans import parse_plan
+from stm_live.protocol import Decoder, LocMap, ProtocolError, encode
+
+from conftest import REAL, Harness, scan_start
+
+LATTICES = {
+    "hexagonal": ((1.0, 0.0), (0.5, np.sqrt(3) / 2)),
+    "square": ((1.0, 0.0), (0.0, 1.0)),
+    "rectangular": ((1.0, 0.0), (0.0, 1.4)),
+    "centered_rectangular": ((1.0, 0.0), (0.5, 0.7)),
+    "oblique": ((1.0, 0.0), (0.3, 1.25)),
+}
+
+
+def lattice_frame(kind="hexagonal", size=128, frame_nm=12.0, a_nm=1.0, angle=0.4, noise=0.0, seed=0):
+    """Gaussian atoms on a rotated lattice; returns the image and the atom positions (nm)."""
+    rng = np.random.default_rng(seed)
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    a1, a2 = (rot @ (a_nm * np.asarray(v)) for v in LATTICES[kind])
+    n = int(3 * frame_nm / a_nm)
+    ij = np.stack(np.meshgrid(np.arange(-n, n), np.arange(-n, n)), -1).reshape(-1, 2)
+    sites = ij @ np.stack([a1, a2]) + rng.uniform(0, 1, 2) @ np.stack([a1, a2])
+    sites = sites[np.all((sites > -a_nm) & (sites < frame_nm + a_nm), axis=1)]
+    pixel = frame_nm / size
+    axis = (np.arange(size) + 0.5) * pixel
+    x, y = np.meshgrid(axis, axis)
+    sigma = 0.18 * a_nm
+    image = np.zeros((size, size))
+    for sx, sy in sites:
+        image += np.exp(-((x - sx) ** 2 + (y - sy) ** 2) / (2 * sigma**2))
+    image += noise * rng.standard_normal(image.shape)
+    return image.astype(np.float32), sites, pixel
+
+
+def interior(xy, frame_nm, edge):
+    return xy[np.all((xy >= edge) & (xy < frame_nm - edge), axis=1)]
+
+
+def test_peaks_are_found_to_a_small_fraction_of_a_pixel():
+    image, sites, pixel = lattice_frame(size=160, noise=0.0)
+    found = find_peaks(image, pixel, 1.0)
+    truth = interior(sites, 12.0, 1.0)
+    i, j = match(interior(found.xy_nm, 12.0, 1.0), truth, 0.3)
+    assert len(j) == len(truth)
+    error = np.linalg.norm(interior(found.xy_nm, 12.0, 1.0)[i] - truth[j], axis=1)
+    assert np.sqrt(np.mean(error**2)) < 0.05 * pixel
+
+
+def test_peaks_on_non_square_pixels_land_in_physical_units():
+    image, sites, pixel = lattice_frame(size=160)
+    mask = parse_plan("lines:4").mask(160, 160)
+    refined = sparse_peaks(image, mask, pixel, 1.0, refine=True)
+    plain = sparse_peaks(image, mask, pixel, 1.0, refine=False)
+    truth = interior(sites, 12.0, 1.0)
+    errors = {}
+    for name, found in (("refined", refined), ("plain", plain)):
+        xy = interior(found.xy_nm, 12.0, 1.0)
+        i, j = match(xy, truth, 0.3)
+        assert len(j) >= 0.95 * len(truth)
+        errors[name] = np.sqrt(np.mean(np.sum((xy[i] - truth[j]) ** 2, axis=1)))
+    assert errors["refined"] < 0.5 * errors["plain"] and errors["plain"] < 2.5 * pixel
+
+
+def test_noise_level_and_spacing_are_measured_from_the_frame():
+    image, _, pixel = lattice_frame(size=192, a_nm=0.8, noise=0.02, seed=3)
+    noise_only = 0.02 * np.random.default_rng(0).standard_normal((128, 128))
+    assert pixel_noise(noise_only) == pytest.approx(0.02, rel=0.05)
+    assert 0.02 <= pixel_noise(image) < 0.03, "atoms 2 px wide add some curvature: an upper bound"
+    assert dominant_spacing_nm(image, pixel) == pytest.approx(0.8, rel=0.05)
+    with pytest.raises(ValueError):
+        dominant_spacing_nm(np.zeros((8, 8)), 0.1)
+
+
+def test_localization_map_pools_reconstructions_without_touching_the_measurement():
+    image, sites, pixel = lattice_frame(size=128, noise=0.03, seed=1)
+    mask = parse_plan("lines:4").mask(128, 128)
+    measured = np.where(mask, image, np.nan).astype(np.float32)
+    before = measured.copy()
+    result = localization_map(ClassicalReconstructor(), measured, mask, pixel, 1.0, 12, np.random.default_rng(0))
+    assert np.array_equal(measured, before, equal_nan=True)
+    atoms, truth = result.atoms, interior(sites, 12.0, 1.0)
+    xy = interior(atoms.xy_nm, 12.0, 1.0)
+    i, j = match(xy, truth, 0.3)
+    assert len(j) >= 0.95 * len(truth) and len(i) >= 0.95 * len(xy)
+    assert atoms.samples == 12 and atoms.support.max() <= 12 and atoms.support.min() >= 6
+    assert np.all(atoms.precision_nm > 0) and np.median(atoms.precision_nm) < 0.1
+    assert result.density.shape == (256, 256) and result.density_pixel_nm == pytest.approx(pixel / 2)
+    per_atom = result.density.sum() * 1.0 / len(atoms)
+    assert 0.8 < per_atom < 1.3, "each atom found in (nearly) every reconstruction integrates to about 1"
+
+
+def test_stochastic_reconstructions_vary_where_nothing_was_measured():
+    image, _, pixel = lattice_frame(size=192, noise=0.02, seed=2)
+    mask = parse_plan("lines:4").mask(192, 192)
+    samples = stochastic_reconstructions(ClassicalReconstructor(), image, mask, 6, 1.0, pixel,
+                                         np.random.default_rng(0))
+    assert samples.shape == (6, 192, 192)
+    spread = samples[:, mask].std(axis=0, ddof=1).mean()
+    assert 0.02 < spread < 0.03, "measured pixels vary by about the scan's own noise"
+    assert samples[:, ~mask].std(axis=0).mean() > 0
+
+
+def test_a_model_with_uncertainty_adds_its_own_spread():
+    from stm_live.engines.registry import create_engine
+
+    model = create_engine("model")
+    image, _, pixel = lattice_frame(size=64, noise=0.02, seed=2)
+    mask = parse_plan("lines:4").mask(64, 64)
+    samples = stochastic_reconstructions(model, image, mask, 4, 1.0, pixel, np.random.default_rng(0))
+    gaps = samples[:, ~mask & np.isfinite(samples[0])]
+    assert np.isfinite(gaps).all() and gaps.std(axis=0).mean() > 0
+
+
+@pytest.mark.parametrize("kind", list(LATTICES))
+def test_lattice_vectors_and_class_of_each_bravais_lattice(kind):
+    image, _, pixel = lattice_frame(kind, size=192, frame_nm=14.0, a_nm=1.1, noise=0.05, seed=4)
+    lattice = analyze_lattice(image, pixel)
+    assert lattice.bravais == kind
+    expected = sorted(np.linalg.norm(1.1 * np.asarray(v)) for v in LATTICES[kind])
+    if kind == "centered_rectangular":  # the reduced cell of a centred lattice is the rhombus
+        expected = [np.linalg.norm(1.1 * np.asarray(LATTICES[kind][1]))] * 2
+    assert sorted(lattice.lengths_nm) == pytest.approx(expected, rel=0.01)
+
+
+def test_stripes_and_noise_are_not_lattices():
+    rng = np.random.default_rng(0)
+    x = np.arange(128)
+    stripes = np.sin(2 * np.pi * x / 9.0)[None, :].repeat(128, axis=0)
+    for image in (stripes + 0.01 * rng.standard_normal((128, 128)), rng.standard_normal((128, 128))):
+        with pytest.raises(LatticeError):
+            analyze_lattice(image, 0.1)
+
+
+def test_classify_tolerates_measurement_error_but_not_distortion():
+    assert classify(np.array([1.0, 0.0]), np.array([0.51, 0.86])) == "hexagonal"
+    assert classify(np.array([1.0, 0.0]), np.array([0.7, 0.9])) == "oblique"
+
+
+def test_simulator_evaluation_runs_and_the_map_beats_plain_peaks_on_molecules():
+    result = evaluate(ClassicalReconstructor(), frames=1, lattice_frames=5, samples=4, size=192, seed=1)
+    molecules = result["atoms"]["molecular_layer"]
+    assert molecules["methods"]["locmap"]["recall"] >= 0.9
+    assert molecules["rms_reduction_vs_raw"] > 1.5
+    assert result["lattice"]["class_accuracy"] >= 0.8
+    assert set(result["atoms"]) == {"si111_7x7", "graphite", "molecular_layer"}
+
+
+def test_locmap_message_round_trips_and_is_checked():
+    density = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    for count in (0, 7):
+        atoms = np.arange(5 * count, dtype=np.float64).reshape(5, count)
+        msg = LocMap("scan-1", "Z", "forward", "classical", 16, 0.77, 0.077, 0.05, "hexagonal",
+                     {"a_nm": 2.688, "b_nm": 2.688, "angle_deg": 120.0}, 0.4, 1.0, density, atoms)
+        back = Decoder().decode(encode(msg))
+        assert isinstance(back, LocMap) and back.atoms.shape == (5, count) and back.bravais == "hexagonal"
+        assert np.array_equal(back.density, density) and back.lattice["a_nm"] == 2.688
+    frames = encode(msg)
+    bad = LocMap("scan-1", "Z", "forward", "classical", 16, 0.77, 0.077, 0.05, "none",
+                 {"a_nm": 1.0, "b_nm": 1.0, "angle_deg": 90.0}, 0.4, 1.0, density, atoms)
+    with pytest.raises(ProtocolError):
+        Decoder().decode(encode(bad))
+    with pytest.raises(ProtocolError):
+        Decoder().decode([*frames[:2], frames[2], np.zeros((4, 7))])
+
+
+def test_daemon_publishes_a_localization_map_of_every_final_height_frame(settings):
+    settings.localize.samples_cpu = 6
+    settings.localize.spacing_nm = 1.0
+    context = zmq.Context()
+    harness = Harness(settings, context).start()
+    try:
+        image, sites, pixel = lattice_frame(size=96, frame_nm=9.0, noise=0.02, seed=5)
+        start = scan_start("lattice", rows=96, cols=96, plan="lines:2")
+        start = type(start)(**{**start.__dict__, "size_nm": (9.0, 9.0)})
+        pub = harness.publisher
+        pub.scan_start(start)
+        for row in range(0, 96, 2):
+            pub.line("lattice", row, "forward", start.channels, [image[row], image[row] * 0])
+        pub.scan_end("lattice")
+        harness.listener.until(lambda ms: any(isinstance(m, LocMap) for m in ms), timeout=60, what="a locmap")
+        [locmap] = [m for m in harness.listener.messages if isinstance(m, LocMap)]
+        assert (locmap.uid, locmap.channel, locmap.direction, locmap.samples) == ("lattice", "Z", "forward", 6)
+        assert locmap.method == "classical" and locmap.bravais == "hexagonal"
+        assert locmap.lattice["a_nm"] == pytest.approx(1.0, rel=0.02)
+        xy = interior(locmap.atoms[:2].T, 9.0, 1.0)
+        truth = interior(sites, 9.0, 1.0)
+        i, j = match(xy, truth, 0.3)
+        assert len(j) >= 0.9 * len(truth) and len(i) >= 0.9 * len(xy)
+        status = harness.status_after(lambda s: s.counters["locmaps_published"] == 1)
+        assert status.counters["locmap_errors"] == 0
+    finally:
+        harness.stop()
+        context.term()
+
+
+@pytest.mark.skipif(not (REAL / "Si_7x7_051.sxm").exists(), reason="needs ../shared/data/real")
+def test_locate_a_real_scan_from_the_command_line(tmp_path):
+    out, plot = tmp_path / "atoms.json", tmp_path / "atoms.png"
+    subprocess.run([sys.executable, "-m", "stm_live", "locate", str(REAL / "Si_7x7_051.sxm"), "--plan", "lines:4",
+                    "--spacing", "0.67", "--samples", "4", "--json", str(out), "--plot", str(plot)],
+                   check=True, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    assert report["inferred"] and report["plan"] == "lines:4" and report["spacing_source"] == "given"
+    lattice = report["lattice"]
+    cell_nm2 = lattice["a_nm"] * lattice["b_nm"] * np.sin(np.radians(lattice["angle_deg"]))
+    expected = 12 * 20.0 * 20.0 / cell_nm2  # twelve adatoms per 7x7 cell, in this scan's own (drifted) cell
+    assert 0.6 * expected < report["atom_count"] < 1.1 * expected
+    assert all(a["support"] >= 2 for a in report["atoms"]) and plot.stat().st_size > 10_000
