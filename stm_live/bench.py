@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import platform
 import tempfile
 import threading
 import time
@@ -17,17 +16,8 @@ import zmq
 from stm_live.config import Settings
 from stm_live.daemon import Daemon
 from stm_live.demo import free_tcp_endpoint
+from stm_live.machine import machine
 from stm_live.protocol import ChannelInfo, ScanStart
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
 
 
 def _send_lines(endpoint: str, lines: int, cols: int, channels: int, rate: float, sent: Any) -> None:

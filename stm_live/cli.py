@@ -210,8 +210,8 @@ def cmd_eval_locate(args: argparse.Namespace) -> int:
     from stm_live.localize.evaluation import evaluate
 
     engine = create_engine(args.engine)
-    _print_json(evaluate(engine, args.frames, args.lattice_frames, args.samples, args.plan, args.size, args.seed),
-                args.json)
+    _print_json(evaluate(engine, args.frames, args.lattice_frames, args.samples, args.plan, args.size, args.seed,
+                         args.plot), args.json)
     return 0
 
 
@@ -445,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--engine", default="classical")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", help="write a figure of one simulated Si(111)-7x7 frame with the true atoms")
     p.add_argument("--json", help="write the result here too")
     p.set_defaults(func=cmd_eval_locate)
 

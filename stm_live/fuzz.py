@@ -28,6 +28,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from stm_live.machine import machine
+
 log = logging.getLogger(__name__)
 
 
@@ -296,8 +298,6 @@ def fuzz(seconds: float = 60.0, seed: int = 0, out_dir: str | Path = "fuzz-crash
                 slowest[target.name] = max(slowest[target.name], time.perf_counter() - t0)
     quiet.setLevel(level)
     elapsed = time.monotonic() - started
-    from stm_live.bench import machine
-
     return {"benchmark": "fuzz", "seconds": round(elapsed, 1), "seed": seed, "machine": machine(),
             "targets": {t.name: {"inputs": t.runs, "rejected_cleanly": t.rejected, "accepted": t.runs - t.rejected -
                                  len(t.crashes), "crashes": len(t.crashes), "first_crashes": t.crashes[:10],

@@ -199,7 +199,8 @@ class ActionReport:
 
 @dataclass(frozen=True)
 class LocMap:
-    """A localization map of one final frame; always inferred. `atoms` is (5, K): x_nm, y_nm,
+    """A localization map of one final frame; always inferred. `direction` 'both' holds the atoms
+    both traces found, their positions averaged (the feedback lag cancels). `atoms` is (5, K): x_nm, y_nm,
     flattened height, localization precision (nm, 1 sigma), support (reconstructions, of
     `samples`). `density` covers the frame at `density_pixel_nm`. `bravais` is 'none' with an
     empty `lattice` (a_nm, b_nm, angle_deg) when the frame shows no 2D lattice."""
@@ -222,6 +223,7 @@ class LocMap:
 
 
 ATOM_COLUMNS = ("x_nm", "y_nm", "height", "precision_nm", "support")
+LOCMAP_DIRECTIONS = (*LINE_DIRECTIONS, "both")
 BRAVAIS_CLASSES = ("oblique", "rectangular", "centered_rectangular", "square", "hexagonal", "none")
 LATTICE_FIELDS = ("a_nm", "b_nm", "angle_deg")
 
@@ -567,7 +569,7 @@ class Decoder:
         bravais = f.choice("bravais", BRAVAIS_CLASSES)
         lattice = f.numbers("lattice", () if bravais == "none" else LATTICE_FIELDS)
         return LocMap(uid=f.pattern("uid", _UID), channel=f.pattern("channel", _NAME),
-                      direction=f.choice("direction", LINE_DIRECTIONS), method=f.get("method", str)[:64],
+                      direction=f.choice("direction", LOCMAP_DIRECTIONS), method=f.get("method", str)[:64],
                       samples=f.count("samples", 1, 10_000), spacing_nm=f.number("spacing_nm"),
                       sigma_nm=f.number("sigma_nm"), density_pixel_nm=f.number("density_pixel_nm"),
                       bravais=bravais, lattice=lattice, latency_s=f.number("latency_s"), t=f.number("t"),

@@ -12,7 +12,7 @@ import zmq
 from stm_live.engines.classical import ClassicalReconstructor
 from stm_live.localize.evaluation import evaluate, match, sparse_peaks
 from stm_live.localize.lattice import LatticeError, analyze_lattice, classify
-from stm_live.localize.locmap import localization_map, stochastic_reconstructions
+from stm_live.localize.locmap import Atoms, combine_traces, localization_map, stochastic_reconstructions
 from stm_live.localize.peaks import dominant_spacing_nm, find_peaks, pixel_noise
 from stm_live.plans import parse_plan
 from stm_live.protocol import Decoder, LocMap, ProtocolError, encode
@@ -127,6 +127,15 @@ def test_a_model_with_uncertainty_adds_its_own_spread():
     assert np.isfinite(gaps).all() and gaps.std(axis=0).mean() > 0
 
 
+def test_forward_and_backward_atoms_pair_up_and_the_lag_cancels():
+    truth = np.array([[1.0, 1.0], [2.0, 1.0], [3.0, 2.0]])
+    one = lambda shift, extra: Atoms(np.r_[truth[:, 0] + shift, extra], np.r_[truth[:, 1], 5.0], np.ones(4),
+                                     np.full(4, 0.004), np.array([16, 15, 14, 9]), 16)
+    both = combine_traces(one(0.03, 7.0), one(-0.03, 8.0), 0.2)
+    assert len(both) == 3 and np.allclose(np.sort(both.xy_nm, axis=0), truth)
+    assert np.allclose(both.precision_nm, 0.004 / np.sqrt(2)) and both.support.tolist() == [16, 15, 14]
+
+
 @pytest.mark.parametrize("kind", list(LATTICES))
 def test_lattice_vectors_and_class_of_each_bravais_lattice(kind):
     image, _, pixel = lattice_frame(kind, size=192, frame_nm=14.0, a_nm=1.1, noise=0.05, seed=4)
@@ -156,7 +165,8 @@ def test_simulator_evaluation_runs_and_the_map_beats_plain_peaks_on_molecules():
     result = evaluate(ClassicalReconstructor(), frames=1, lattice_frames=5, samples=4, size=192, seed=1)
     molecules = result["atoms"]["molecular_layer"]
     assert molecules["methods"]["locmap"]["recall"] >= 0.9
-    assert molecules["rms_reduction_vs_raw"] > 1.5
+    assert molecules["rms_reduction_vs_raw"]["locmap"] > 1.5
+    assert molecules["methods"]["locmap_fb"]["rms_error_pm"] < molecules["methods"]["locmap"]["rms_error_pm"]
     assert result["lattice"]["class_accuracy"] >= 0.8
     assert set(result["atoms"]) == {"si111_7x7", "graphite", "molecular_layer"}
 
@@ -186,23 +196,26 @@ def test_daemon_publishes_a_localization_map_of_every_final_height_frame(setting
     harness = Harness(settings, context).start()
     try:
         image, sites, pixel = lattice_frame(size=96, frame_nm=9.0, noise=0.02, seed=5)
-        start = scan_start("lattice", rows=96, cols=96, plan="lines:2")
+        start = scan_start("lattice", rows=96, cols=96, plan="lines:2", directions=("forward", "backward"))
         start = type(start)(**{**start.__dict__, "size_nm": (9.0, 9.0)})
         pub = harness.publisher
         pub.scan_start(start)
         for row in range(0, 96, 2):
             pub.line("lattice", row, "forward", start.channels, [image[row], image[row] * 0])
+            pub.line("lattice", row, "backward", start.channels, [image[row], image[row] * 0])
         pub.scan_end("lattice")
-        harness.listener.until(lambda ms: any(isinstance(m, LocMap) for m in ms), timeout=60, what="a locmap")
-        [locmap] = [m for m in harness.listener.messages if isinstance(m, LocMap)]
-        assert (locmap.uid, locmap.channel, locmap.direction, locmap.samples) == ("lattice", "Z", "forward", 6)
+        maps = lambda: {m.direction: m for m in harness.listener.messages if isinstance(m, LocMap)}
+        harness.listener.until(lambda ms: len(maps()) == 3, timeout=60, what="forward, backward and both maps")
+        locmap = maps()["forward"]
+        assert (locmap.uid, locmap.channel, locmap.samples) == ("lattice", "Z", 6)
+        assert np.allclose(maps()["both"].atoms[:2].mean(axis=1), locmap.atoms[:2].mean(axis=1), atol=0.2)
         assert locmap.method == "classical" and locmap.bravais == "hexagonal"
         assert locmap.lattice["a_nm"] == pytest.approx(1.0, rel=0.02)
         xy = interior(locmap.atoms[:2].T, 9.0, 1.0)
         truth = interior(sites, 9.0, 1.0)
         i, j = match(xy, truth, 0.3)
         assert len(j) >= 0.9 * len(truth) and len(i) >= 0.9 * len(xy)
-        status = harness.status_after(lambda s: s.counters["locmaps_published"] == 1)
+        status = harness.status_after(lambda s: s.counters["locmaps_published"] == 3)
         assert status.counters["locmap_errors"] == 0
     finally:
         harness.stop()

@@ -7,11 +7,15 @@ one to one (Hungarian assignment) within 0.3 nearest-neighbour distances; atoms 
 spacing to the frame edge are not scored. The atom spacing handed to the peak finder is the
 surface's nearest-neighbour distance, as a user sets it for a known sample.
 
-Methods compared on the same sparse scan:
+Methods compared on the same sparse scan, with a reference:
+- `full`: maxima (sub-pixel) of the complete scan, every row measured: what the scan itself
+  resolves, the ceiling for any method that sees a quarter of it;
 - `raw`: local maxima of the measured rows alone, at pixel centres (the plain peak finder);
 - `raw_refined`: the same maxima with sub-pixel refinement;
 - `single`: maxima of one reconstruction by the engine;
-- `locmap`: the localization map's pooled atoms from N stochastic reconstructions.
+- `locmap`: the localization map's pooled atoms from N stochastic reconstructions;
+- `locmap_fb`: the atoms of the forward and backward traces' maps, paired and averaged (which
+  cancels the feedback loop's lag along the fast-scan direction).
 """
 
 from __future__ import annotations
@@ -27,15 +31,16 @@ from scipy.spatial import cKDTree
 
 from stm_live.engines import Reconstructor, reconstruct_exact
 from stm_live.localize.lattice import LatticeError, _reduce, analyze_lattice
-from stm_live.localize.locmap import LocalizationMap, localization_map
+from stm_live.localize.locmap import LocalizationMap, combine_traces, localization_map
 from stm_live.localize.peaks import Peaks, dominant_spacing_nm, find_peaks
+from stm_live.machine import machine
 from stm_live.plans import parse_plan
 
 log = logging.getLogger(__name__)
 
 ATOM_SURFACES = {"si111_7x7": ((10.0, 16.0), 1.5), "graphite": ((3.0, 5.0), 0.3),
                  "molecular_layer": ((10.0, 20.0), -1.5)}
-METHODS = ("raw", "raw_refined", "single", "locmap")
+METHODS = ("full", "raw", "raw_refined", "single", "locmap", "locmap_fb")
 
 
 def match(found: np.ndarray, truth: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
@@ -116,10 +121,15 @@ def evaluate_atoms(engine: Reconstructor, frames: int, samples: int, plan: str, 
             started = time.perf_counter()
             locmap = localization_map(engine, measured, mask, pixel, spacing, samples, rng)
             seconds.append(time.perf_counter() - started)
+            backward = np.where(mask, frame.measurement.z[1], np.nan).astype(np.float32)
+            both = combine_traces(locmap.atoms, localization_map(engine, backward, mask, pixel, spacing, samples,
+                                                                 rng).atoms, radius)
             candidates = {
+                "full": find_peaks(image, pixel, spacing).xy_nm,
                 "raw": sparse_peaks(image, mask, pixel, spacing, refine=False).xy_nm,
                 "raw_refined": sparse_peaks(image, mask, pixel, spacing, refine=True).xy_nm,
                 "single": find_peaks(single, pixel, spacing).xy_nm,
+                "locmap_fb": both.xy_nm,
             }
             for method, xy in candidates.items():
                 tallies[method].add(xy[inside(xy)], truth, radius)
@@ -135,8 +145,11 @@ def evaluate_atoms(engine: Reconstructor, frames: int, samples: int, plan: str, 
             "locmap_median_stated_precision_pm": round(1000 * float(np.median(stated_all)), 2) if stated_all.size else None,
             "locmap_median_actual_error_pm": round(1000 * float(np.median(actual_all)), 2) if actual_all.size else None,
         }
-        raw, loc = results[surface]["methods"]["raw"]["rms_error_pm"], results[surface]["methods"]["locmap"]["rms_error_pm"]
-        results[surface]["rms_reduction_vs_raw"] = round(raw / loc, 2) if raw and loc else None
+        methods = results[surface]["methods"]
+        raw = methods["raw"]["rms_error_pm"]
+        results[surface]["rms_reduction_vs_raw"] = {
+            m: round(raw / methods[m]["rms_error_pm"], 2) if raw and methods[m]["rms_error_pm"] else None
+            for m in ("locmap", "locmap_fb")}
         log.info("%s: %s", surface, results[surface])
     return results
 
@@ -178,11 +191,37 @@ def evaluate_lattices(engine: Reconstructor, frames: int, plan: str, size: int,
 
 
 def evaluate(engine: Reconstructor, frames: int = 6, lattice_frames: int = 50, samples: int = 32,
-             plan: str = "lines:4", size: int = 256, seed: int = 0) -> dict[str, Any]:
+             plan: str = "lines:4", size: int = 256, seed: int = 0, plot: str | None = None) -> dict[str, Any]:
+    if plot:
+        plot_simulated(engine, "si111_7x7", plot, samples, plan, size, seed)
     rng = np.random.default_rng(seed)
     return {"plan": plan, "size_px": size, "samples": samples, "engine": engine.name, "seed": seed,
+            "machine": machine(),
             "atoms": evaluate_atoms(engine, frames, samples, plan, size, rng),
             "lattice": evaluate_lattices(engine, lattice_frames, plan, size, rng)}
+
+
+def plot_simulated(engine: Reconstructor, surface: str, path: str, samples: int = 32, plan: str = "lines:4",
+                   size: int = 256, seed: int = 0) -> None:
+    """The figure of `stm-live locate` for one simulator frame, with the true atoms marked."""
+    from stm_live.localize.figures import plot_locate
+
+    rng = np.random.default_rng(seed)
+    frame = _simulate(surface, rng, size)
+    truth = frame.topography.atoms_nm
+    spacing = float(np.median(cKDTree(truth).query(truth, k=2)[0][:, 1]))
+    pixel = frame.topography.canvas.pixel_nm
+    mask = parse_plan(plan).mask(size, size)
+    measured = np.where(mask, frame.forward_z_nm, np.nan).astype(np.float32)
+    locmap = localization_map(engine, measured, mask, pixel, spacing, samples, rng)
+    image = reconstruct_exact(engine, measured[None], mask[None]).images[0]
+    try:
+        lattice = analyze_lattice(image, pixel).describe()
+    except LatticeError as exc:
+        lattice = {"error": str(exc)}
+    report = {"file": f"simulated {surface} ({frame.topography.canvas.frame_nm:.1f} nm)", "plan": plan,
+              "engine": engine.name, "pixel_nm": pixel, "lattice": lattice}
+    plot_locate(report, locmap, image, mask, path, truth_nm=truth)
 
 
 def locate_file(path: str | Path, engine: Reconstructor, plan: str = "full", spacing_nm: float | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,9 @@ def plot_locate(report: dict[str, Any], locmap: LocalizationMap, image: np.ndarr
     rows, cols = image.shape
     pixel = report["pixel_nm"]
     extent = (0, cols * pixel, rows * pixel, 0)
+    with warnings.catch_warnings():  # rows never scanned are all NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        image = image - np.nanmedian(image, axis=1, keepdims=True)  # line levelling, for display only
     finite = image[np.isfinite(image)]
     low, high = np.percentile(finite, [0.5, 99.5]) if finite.size else (0, 1)
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.4), constrained_layout=True)

@@ -100,6 +100,27 @@ def pool(found: list[Peaks], radius_nm: float, min_support: float) -> Atoms:
                  support[keep], samples)
 
 
+def combine_traces(forward: Atoms, backward: Atoms, radius_nm: float) -> Atoms:
+    """Atoms seen in both traces of a frame, at the mean of the two positions.
+
+    The feedback loop lags behind the tip, shifting every feature along the fast-scan direction
+    of travel: forward one way, backward the other by the same amount. The mean cancels the lag;
+    the precision combines both traces' (halved, as for a mean of two)."""
+    from scipy.optimize import linear_sum_assignment
+
+    samples = min(forward.samples, backward.samples)
+    if len(forward) == 0 or len(backward) == 0:
+        return Atoms(*(np.zeros(0) for _ in range(4)), np.zeros(0, int), samples)
+    distance = np.linalg.norm(forward.xy_nm[:, None] - backward.xy_nm[None], axis=-1)
+    rows, cols = linear_sum_assignment(np.where(distance <= radius_nm, distance, 1e9))
+    keep = distance[rows, cols] <= radius_nm
+    f, b = rows[keep], cols[keep]
+    mean = lambda a, c: (getattr(forward, a)[f] + getattr(backward, a)[c]) / 2
+    precision = np.sqrt(forward.precision_nm[f] ** 2 + backward.precision_nm[b] ** 2) / 2
+    return Atoms(mean("x_nm", b), mean("y_nm", b), mean("height", b), precision,
+                 np.minimum(forward.support[f], backward.support[b]), samples)
+
+
 def render_density(found: list[Peaks], shape: tuple[int, int], pixel_nm: float, sigma_nm: float,
                    upsample: int = 2) -> np.ndarray:
     """Every maximum as a unit Gaussian of `sigma_nm`, on a grid `upsample` times finer, over N."""

@@ -4,6 +4,8 @@ Localization costs N engine reconstructions, so it never runs on the ingest or r
 threads: the ingest thread hands over a copy of each final frame of the configured height
 channels, and this thread publishes a `locmap` message per frame. The queue is bounded; when
 frames arrive faster than they can be localized the oldest waiting one is dropped and counted.
+When both traces are localized, the second one's map is followed by a 'both' map: the atoms
+the two traces share, averaged, which cancels the feedback loop's lag.
 The thread rests after each map so that it uses at most `max_duty` of the time: on a machine
 with few cores the ingest, reconstruction and tip threads keep their share.
 """
@@ -15,20 +17,21 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from stm_live.config import LocalizeSettings
 from stm_live.engines import Reconstructor, reconstruct_exact
 from stm_live.localize.lattice import LatticeError, analyze_lattice
-from stm_live.localize.locmap import localization_map
+from stm_live.localize.locmap import Atoms, combine_traces, localization_map
 from stm_live.localize.peaks import dominant_spacing_nm
 from stm_live.protocol import ATOM_COLUMNS, LocMap, Message
 
 log = logging.getLogger(__name__)
 
 MIN_FRAME_PX = 32
+MAX_UNPAIRED = 64
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class LocalizationService:
         self._jobs: queue.Queue[LocalizeJob | None] = queue.Queue(settings.max_queued)
         self._rng = np.random.default_rng()
         self._closing = threading.Event()
+        self._unpaired: dict[tuple[str, str], tuple[str, Atoms, LocMap]] = {}
         self._thread = threading.Thread(target=self._run, name="stm-live-localize", daemon=True)
 
     def wants(self, channel: str, direction: str) -> bool:
@@ -92,17 +96,40 @@ class LocalizationService:
         while (job := self._jobs.get()) is not None:
             started = time.perf_counter()
             try:
-                message = self.localize(job)
+                messages = self.localize(job)
             except Exception:
                 self.counters["locmap_errors"] += 1
                 log.exception("localization of %s/%s failed", job.uid, job.channel)
-                message = None
-            if message is not None:
-                self.sink(message)
+                messages = []
+            for published in messages:
+                self.sink(published)
                 self.counters["locmaps_published"] += 1
             self._closing.wait((time.perf_counter() - started) * (1 - duty) / duty)
 
-    def localize(self, job: LocalizeJob) -> LocMap | None:
+    def localize(self, job: LocalizeJob) -> list[LocMap]:
+        """The job's map, then the 'both' map once the other trace of its frame is done too."""
+        result = self._localize_trace(job)
+        if result is None:
+            return []
+        atoms, message = result
+        if not {"forward", "backward"} <= set(self.settings.directions):
+            return [message]
+        key = (job.uid, job.channel)
+        other = self._unpaired.pop(key, None)
+        if other is None or other[0] == job.direction:
+            self._unpaired[key] = (job.direction, atoms, message)
+            while len(self._unpaired) > MAX_UNPAIRED:
+                self._unpaired.pop(next(iter(self._unpaired)))
+            return [message]
+        _, other_atoms, other_message = other
+        both = combine_traces(atoms, other_atoms, 0.3 * message.spacing_nm)
+        density = (message.density + other_message.density) / 2 if message.density.shape == \
+            other_message.density.shape else message.density
+        combined = replace(message, direction="both", density=density.astype(np.float32), atoms=self._table(both),
+                           latency_s=time.perf_counter() - job.submitted, t=time.time())
+        return [message, combined]
+
+    def _localize_trace(self, job: LocalizeJob) -> tuple[Atoms, LocMap] | None:
         rows, cols = job.image.shape
         measured_rows = job.mask.any(axis=1).sum()
         if min(rows, cols) < MIN_FRAME_PX or measured_rows < 4:
@@ -126,14 +153,17 @@ class LocalizationService:
         upsample = 2 if 2 * max(rows, cols) <= self.max_density_px else 1
         result = localization_map(self.engine, job.image, job.mask, pixel, spacing, self.samples, self._rng,
                                   self.settings.sigma_nm or None, self.settings.min_support, upsample)
-        atoms = result.atoms
+        message = LocMap(uid=job.uid, channel=job.channel, direction=job.direction, method=self.engine.name,
+                         samples=self.samples, spacing_nm=float(spacing), sigma_nm=result.sigma_nm,
+                         density_pixel_nm=result.density_pixel_nm, bravais=bravais, lattice=lattice_fields,
+                         latency_s=time.perf_counter() - job.submitted, t=time.time(),
+                         density=result.density, atoms=self._table(result.atoms))
+        return result.atoms, message
+
+    def _table(self, atoms: Atoms) -> np.ndarray:
+        """The (5, K) wire table; beyond the protocol's limit, the best-supported atoms."""
         table = np.stack([getattr(atoms, c) for c in ATOM_COLUMNS]).astype(np.float64)
         if table.shape[1] > self.max_atoms:
-            log.warning("%s/%s: %d atoms, publishing the %d best supported", job.uid, job.channel,
-                        table.shape[1], self.max_atoms)
+            log.warning("%d atoms, publishing the %d best supported", table.shape[1], self.max_atoms)
             table = table[:, np.argsort(-atoms.support, kind="stable")[:self.max_atoms]]
-        return LocMap(uid=job.uid, channel=job.channel, direction=job.direction, method=self.engine.name,
-                      samples=self.samples, spacing_nm=float(spacing), sigma_nm=result.sigma_nm,
-                      density_pixel_nm=result.density_pixel_nm, bravais=bravais, lattice=lattice_fields,
-                      latency_s=time.perf_counter() - job.submitted, t=time.time(),
-                      density=result.density, atoms=table)
+        return table

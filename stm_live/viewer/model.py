@@ -4,7 +4,8 @@ Every received message goes through `ViewerModel.apply`; frames only replace the
 (scan, channel, direction, kind), so however fast the daemon publishes, the viewer holds one
 frame per slot and renders the newest one. The model follows the scan that spoke last. A
 localization map arrives after its scan's final frame, usually when the next scan has begun, so
-the newest map per (channel, direction) is kept whichever scan it belongs to.
+the newest map per (channel, direction) is kept whichever scan it belongs to ('both' being the
+direction of the map that averages the two traces).
 """
 
 from __future__ import annotations

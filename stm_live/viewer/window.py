@@ -179,8 +179,9 @@ class ViewerWindow(QtWidgets.QMainWindow):
                 self.views[name].setTitle(f"Uncertainty: not reported by the {frame.method} engine")
                 continue
             self._show(name, np.asarray(image, np.float32), frame)
-        locmap = self.model.locmaps.get((channel, direction))
-        if locmap is not None:
+        maps = [m for m in (self.model.locmaps.get((channel, d)) for d in ("both", direction)) if m is not None]
+        if maps:
+            locmap = max(maps, key=lambda m: m.t)
             self._show_locmap(locmap)
         self._show_tip()
         self._show_status()
@@ -212,7 +213,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
         lattice = (f"{locmap.bravais} a={locmap.lattice['a_nm']:.3f} b={locmap.lattice['b_nm']:.3f} nm"
                    if locmap.lattice else "no lattice")
         self.views[LOCALIZATION].setTitle(
-            f"Localization map: INFERRED [{locmap.uid}, {locmap.atoms.shape[1]} atoms, {locmap.samples} "
+            f"Localization map: INFERRED [{locmap.uid} {locmap.direction}, {locmap.atoms.shape[1]} atoms, {locmap.samples} "
             f"{locmap.method} samples, median precision {precision}, {lattice}]")
 
     def _scale_bar(self, name: str, width_nm: float) -> pg.ScaleBar:
