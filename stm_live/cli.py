@@ -155,10 +155,25 @@ def cmd_drive_replay(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.what == "tip":
         return _train_tip(args)
+    if args.what == "molecules":
+        return _train_molecules(args)
     from stm_live.models.training import TrainConfig, train
 
     summary = train(TrainConfig.from_toml(args.train_config), resume=not args.restart)
     _print_json(summary, None)
+    return 0
+
+
+def _train_molecules(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from stm_live.localize.molecules import MoleculeDetector, evaluate_detector, train_detector
+
+    frames, epochs = args.frames or 2000, args.epochs or 15
+    with tqdm(total=frames, unit="frame", desc="simulating") as bar:
+        summary = train_detector(frames, epochs, progress=bar.update)
+    summary["validation"] = evaluate_detector(MoleculeDetector(), 100, seed=10_000)
+    _print_json(summary, args.json)
     return 0
 
 
@@ -211,7 +226,7 @@ def cmd_eval_locate(args: argparse.Namespace) -> int:
 
     engine = create_engine(args.engine)
     _print_json(evaluate(engine, args.frames, args.lattice_frames, args.samples, args.plan, args.size, args.seed,
-                         args.plot), args.json)
+                         args.plot, args.plot_surface), args.json)
     return 0
 
 
@@ -226,7 +241,9 @@ def cmd_locate(args: argparse.Namespace) -> int:
         plot_locate(report, locmap, image, mask, args.plot)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    _print_json(report if args.atoms else {k: v for k, v in report.items() if k != "atoms"}, None)
+    shown = report if args.atoms else {k: v for k, v in report.items() if k != "atoms"}
+    shown["molecule_count"] = len(report["molecules"])
+    _print_json(shown, None)
     return 0
 
 
@@ -411,12 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_drive_replay)
 
     p = sub.add_parser("train", help="train the reconstruction model (default) or the tip classifier (`train tip`)")
-    p.add_argument("what", nargs="?", choices=("reconstruction", "tip"), default="reconstruction")
+    p.add_argument("what", nargs="?", choices=("reconstruction", "tip", "molecules"), default="reconstruction")
     p.add_argument("--train-config", help="TOML file overriding the training defaults (stm_live/models/training.py)")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--frames", type=int, help="tip: simulated training frames")
-    p.add_argument("--epochs", type=int, help="tip: training epochs")
-    p.add_argument("--json", help="tip: write the summary here too")
+    p.add_argument("--frames", type=int, help="tip, molecules: simulated training frames")
+    p.add_argument("--epochs", type=int, help="tip, molecules: training epochs")
+    p.add_argument("--json", help="tip, molecules: write the summary here too")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="PSNR/SSIM of the model and classical baselines on images")
@@ -445,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--engine", default="classical")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", help="write a figure of one simulated Si(111)-7x7 frame with the true atoms")
+    p.add_argument("--plot", help="write a figure of one simulated frame with the true atoms")
+    p.add_argument("--plot-surface", default="si111_7x7", help="the surface of that frame")
     p.add_argument("--json", help="write the result here too")
     p.set_defaults(func=cmd_eval_locate)
 

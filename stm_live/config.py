@@ -73,6 +73,8 @@ class LocalizeSettings(_Section):
     min_support: float = Field(0.5, gt=0, le=1, description="fraction of reconstructions that must find an atom")
     max_queued: int = Field(4, ge=1, description="frames waiting for localization; beyond this the oldest is dropped")
     max_duty: float = Field(0.5, gt=0, le=1, description="fraction of the time the localization thread may work")
+    molecules: bool = Field(False, description="also detect supramolecules in each frame (a detector trained on "
+                                               "simulated supramolecules among other molecules)")
 
 
 class LimitSettings(_Section):

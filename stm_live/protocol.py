@@ -219,10 +219,12 @@ class LocMap:
     t: float
     density: np.ndarray
     atoms: np.ndarray
+    molecules: np.ndarray
     type = "locmap"
 
 
 ATOM_COLUMNS = ("x_nm", "y_nm", "height", "precision_nm", "support")
+MOLECULE_COLUMNS = ("x0_nm", "y0_nm", "x1_nm", "y1_nm", "score")
 LOCMAP_DIRECTIONS = (*LINE_DIRECTIONS, "both")
 BRAVAIS_CLASSES = ("oblique", "rectangular", "centered_rectangular", "square", "hexagonal", "none")
 LATTICE_FIELDS = ("a_nm", "b_nm", "angle_deg")
@@ -291,7 +293,7 @@ def encode(msg: Message) -> list[Any]:
                       samples=msg.samples, spacing_nm=msg.spacing_nm, sigma_nm=msg.sigma_nm,
                       density_pixel_nm=msg.density_pixel_nm, bravais=msg.bravais, lattice=msg.lattice,
                       latency_s=msg.latency_s, t=msg.t)
-        arrays = [("density", msg.density), ("atoms", msg.atoms)]
+        arrays = [("density", msg.density), ("atoms", msg.atoms), ("molecules", msg.molecules)]
     else:
         raise TypeError(f"not a protocol message: {type(msg).__name__}")
     contiguous = [np.ascontiguousarray(a) for _, a in arrays]
@@ -561,11 +563,13 @@ class Decoder:
 
 
     def _locmap(self, f: _Fields, names: list[str], arrays: list[np.ndarray]) -> LocMap:
-        if names != ["density", "atoms"]:
+        if names != ["density", "atoms", "molecules"]:
             raise ProtocolError("array_mismatch", f"locmap arrays {names}")
-        density, atoms = arrays
-        if density.ndim != 2 or density.size == 0 or atoms.ndim != 2 or atoms.shape[0] != len(ATOM_COLUMNS):
-            raise ProtocolError("bad_shape", f"locmap density {density.shape}, atoms {atoms.shape}")
+        density, atoms, molecules = arrays
+        if (density.ndim != 2 or density.size == 0 or atoms.ndim != 2 or atoms.shape[0] != len(ATOM_COLUMNS)
+                or molecules.ndim != 2 or molecules.shape[0] != len(MOLECULE_COLUMNS)):
+            raise ProtocolError("bad_shape", f"locmap density {density.shape}, atoms {atoms.shape}, "
+                                             f"molecules {molecules.shape}")
         bravais = f.choice("bravais", BRAVAIS_CLASSES)
         lattice = f.numbers("lattice", () if bravais == "none" else LATTICE_FIELDS)
         return LocMap(uid=f.pattern("uid", _UID), channel=f.pattern("channel", _NAME),
@@ -573,7 +577,7 @@ class Decoder:
                       samples=f.count("samples", 1, 10_000), spacing_nm=f.number("spacing_nm"),
                       sigma_nm=f.number("sigma_nm"), density_pixel_nm=f.number("density_pixel_nm"),
                       bravais=bravais, lattice=lattice, latency_s=f.number("latency_s"), t=f.number("t"),
-                      density=density, atoms=atoms)
+                      density=density, atoms=atoms, molecules=molecules)
 
 
 def _no_arrays(arrays: list[np.ndarray]) -> None:

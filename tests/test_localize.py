@@ -12,6 +12,7 @@ import zmq
 from stm_live.engines.classical import ClassicalReconstructor
 from stm_live.localize.evaluation import evaluate, match, sparse_peaks
 from stm_live.localize.lattice import LatticeError, analyze_lattice, classify
+from stm_live.localize.molecules import GRID_NM, STRIDE, MoleculeDetector, decode, evaluate_detector, iou
 from stm_live.localize.locmap import Atoms, combine_traces, localization_map, stochastic_reconstructions
 from stm_live.localize.peaks import dominant_spacing_nm, find_peaks, pixel_noise
 from stm_live.plans import parse_plan
@@ -175,23 +176,26 @@ def test_locmap_message_round_trips_and_is_checked():
     density = np.random.default_rng(0).random((64, 64)).astype(np.float32)
     for count in (0, 7):
         atoms = np.arange(5 * count, dtype=np.float64).reshape(5, count)
+        molecules = np.ones((5, count // 2))
         msg = LocMap("scan-1", "Z", "forward", "classical", 16, 0.77, 0.077, 0.05, "hexagonal",
-                     {"a_nm": 2.688, "b_nm": 2.688, "angle_deg": 120.0}, 0.4, 1.0, density, atoms)
+                     {"a_nm": 2.688, "b_nm": 2.688, "angle_deg": 120.0}, 0.4, 1.0, density, atoms, molecules)
         back = Decoder().decode(encode(msg))
         assert isinstance(back, LocMap) and back.atoms.shape == (5, count) and back.bravais == "hexagonal"
         assert np.array_equal(back.density, density) and back.lattice["a_nm"] == 2.688
+        assert back.molecules.shape == (5, count // 2)
     frames = encode(msg)
     bad = LocMap("scan-1", "Z", "forward", "classical", 16, 0.77, 0.077, 0.05, "none",
-                 {"a_nm": 1.0, "b_nm": 1.0, "angle_deg": 90.0}, 0.4, 1.0, density, atoms)
+                 {"a_nm": 1.0, "b_nm": 1.0, "angle_deg": 90.0}, 0.4, 1.0, density, atoms, molecules)
     with pytest.raises(ProtocolError):
         Decoder().decode(encode(bad))
     with pytest.raises(ProtocolError):
-        Decoder().decode([*frames[:2], frames[2], np.zeros((4, 7))])
+        Decoder().decode([*frames[:3], np.zeros((4, 7)), frames[4]])
 
 
 def test_daemon_publishes_a_localization_map_of_every_final_height_frame(settings):
     settings.localize.samples_cpu = 6
     settings.localize.spacing_nm = 1.0
+    settings.localize.molecules = True
     context = zmq.Context()
     harness = Harness(settings, context).start()
     try:
@@ -210,6 +214,7 @@ def test_daemon_publishes_a_localization_map_of_every_final_height_frame(setting
         assert (locmap.uid, locmap.channel, locmap.samples) == ("lattice", "Z", 6)
         assert np.allclose(maps()["both"].atoms[:2].mean(axis=1), locmap.atoms[:2].mean(axis=1), atol=0.2)
         assert locmap.method == "classical" and locmap.bravais == "hexagonal"
+        assert locmap.molecules.shape[0] == 5, "detection ran (a bare lattice holds no supramolecule)"
         assert locmap.lattice["a_nm"] == pytest.approx(1.0, rel=0.02)
         xy = interior(locmap.atoms[:2].T, 9.0, 1.0)
         truth = interior(sites, 9.0, 1.0)
@@ -235,3 +240,22 @@ def test_locate_a_real_scan_from_the_command_line(tmp_path):
     expected = 12 * 20.0 * 20.0 / cell_nm2  # twelve adatoms per 7x7 cell, in this scan's own (drifted) cell
     assert 0.6 * expected < report["atom_count"] < 1.1 * expected
     assert all(a["support"] >= 2 for a in report["atoms"]) and plot.stat().st_size > 10_000
+    assert isinstance(report["molecules"], list)
+
+
+def test_boxes_overlap_and_heatmap_maxima_become_boxes():
+    a = np.array([[0.0, 0.0, 2.0, 2.0]])
+    b = np.array([[1.0, 1.0, 3.0, 3.0], [5.0, 5.0, 6.0, 6.0], [0.0, 0.0, 2.0, 2.0]])
+    assert iou(a, b)[0] == pytest.approx([1 / 7, 0.0, 1.0])
+    out = np.full((2, 20, 20), -10.0)
+    out[0, 5, 8], out[1, 5, 8] = 5.0, 1.2
+    found = decode(out, 0.4, 8.0, 8.0)
+    centre = ((8 + 0.5) * GRID_NM * STRIDE, (5 + 0.5) * GRID_NM * STRIDE)
+    assert len(found) == 1 and found.boxes_nm[0] == pytest.approx(
+        [centre[0] - 1.2, centre[1] - 1.2, centre[0] + 1.2, centre[1] + 1.2])
+
+
+def test_the_shipped_detector_finds_supramolecules_among_other_molecules():
+    result = evaluate_detector(MoleculeDetector(), frames=8, seed=123, plan="lines:4")
+    assert result["supramolecules"] > 20
+    assert result["precision"] >= 0.85 and result["recall"] >= 0.85

@@ -78,7 +78,7 @@ def test_alert_asks_the_instrument_to_condition_and_the_recovery_is_reported(set
     gate = conditioning_setup(settings, driver_max_bias_v=4.0)
     context = zmq.Context()
     h = Harness(settings, context, with_publisher=False).start()
-    running = Running(episode_sim(settings, context, gate, pulse_outcomes=(1.0, 0.0, 0.0, 0.0)), 12)
+    running = Running(episode_sim(settings, context, gate, pulse_outcomes=(1.0, 0.0, 0.0, 0.0)), 40)  # stopped when done
     sim = running.sim
     try:
         h.listener.until(lambda ms: any(isinstance(m, ActionReport) and m.outcome == "recovered" for m in ms),

@@ -191,14 +191,19 @@ def evaluate_lattices(engine: Reconstructor, frames: int, plan: str, size: int,
 
 
 def evaluate(engine: Reconstructor, frames: int = 6, lattice_frames: int = 50, samples: int = 32,
-             plan: str = "lines:4", size: int = 256, seed: int = 0, plot: str | None = None) -> dict[str, Any]:
+             plan: str = "lines:4", size: int = 256, seed: int = 0, plot: str | None = None,
+             plot_surface: str = "si111_7x7", molecule_frames: int = 100) -> dict[str, Any]:
+    from stm_live.localize.molecules import MoleculeDetector, evaluate_detector
+
     if plot:
-        plot_simulated(engine, "si111_7x7", plot, samples, plan, size, seed)
+        plot_simulated(engine, plot_surface, plot, samples, plan, size, seed)
     rng = np.random.default_rng(seed)
+    detector = MoleculeDetector()
     return {"plan": plan, "size_px": size, "samples": samples, "engine": engine.name, "seed": seed,
             "machine": machine(),
             "atoms": evaluate_atoms(engine, frames, samples, plan, size, rng),
-            "lattice": evaluate_lattices(engine, lattice_frames, plan, size, rng)}
+            "lattice": evaluate_lattices(engine, lattice_frames, plan, size, rng),
+            "molecules": [evaluate_detector(detector, molecule_frames, seed + 20_000, p) for p in ("full", plan)]}
 
 
 def plot_simulated(engine: Reconstructor, surface: str, path: str, samples: int = 32, plan: str = "lines:4",
@@ -219,8 +224,12 @@ def plot_simulated(engine: Reconstructor, surface: str, path: str, samples: int 
         lattice = analyze_lattice(image, pixel).describe()
     except LatticeError as exc:
         lattice = {"error": str(exc)}
+    from stm_live.localize.molecules import MoleculeDetector
+
+    molecules = MoleculeDetector().detect(image, pixel)
     report = {"file": f"simulated {surface} ({frame.topography.canvas.frame_nm:.1f} nm)", "plan": plan,
-              "engine": engine.name, "pixel_nm": pixel, "lattice": lattice}
+              "engine": engine.name, "pixel_nm": pixel, "lattice": lattice,
+              "molecules": [{"box_nm": box.tolist()} for box in molecules.boxes_nm]}
     plot_locate(report, locmap, image, mask, path, truth_nm=truth)
 
 
@@ -244,6 +253,9 @@ def locate_file(path: str | Path, engine: Reconstructor, plan: str = "full", spa
         lattice = analyze_lattice(image, pixel).describe()
     except LatticeError as exc:
         lattice = {"error": str(exc)}
+    from stm_live.localize.molecules import MoleculeDetector
+
+    molecules = MoleculeDetector().detect(image, pixel)
     atoms = locmap.atoms
     report = {
         "file": str(path), "plan": plan, "engine": engine.name, "samples": samples, "pixel_nm": pixel,
@@ -252,5 +264,9 @@ def locate_file(path: str | Path, engine: Reconstructor, plan: str = "full", spa
         "atoms": [{"x_nm": round(float(x), 4), "y_nm": round(float(y), 4), "height": float(h),
                    "precision_nm": round(float(p), 5), "support": int(s)}
                   for x, y, h, p, s in zip(atoms.x_nm, atoms.y_nm, atoms.height, atoms.precision_nm, atoms.support)],
+        "molecules": [{"box_nm": [round(float(v), 3) for v in box], "score": round(float(score), 3),
+                       "atoms": int(np.sum((atoms.x_nm >= box[0]) & (atoms.x_nm < box[2])
+                                           & (atoms.y_nm >= box[1]) & (atoms.y_nm < box[3])))}
+                      for box, score in zip(molecules.boxes_nm, molecules.scores)],
     }
     return report, locmap, image, mask

@@ -40,6 +40,10 @@ def plot_locate(report: dict[str, Any], locmap: LocalizationMap, image: np.ndarr
                     label=f"{len(atoms)} atoms (support >= half of {atoms.samples})")
     if truth_nm is not None:
         axes[2].scatter(truth_nm[:, 0], truth_nm[:, 1], s=4, marker="+", c="lime", linewidths=0.5, label="truth")
+    for molecule in report.get("molecules", []):
+        x0, y0, x1, y1 = molecule["box_nm"]
+        for ax in axes[1:]:
+            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="lime", linewidth=1.0))
     axes[2].set_xlim(0, cols * pixel)
     axes[2].set_ylim(rows * pixel, 0)
     axes[2].legend(loc="lower right", fontsize=8)

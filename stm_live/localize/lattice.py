@@ -16,6 +16,9 @@ import numpy as np
 from scipy import ndimage
 from skimage.feature import peak_local_max
 
+MIN_LATTICE_PEAKS = 6  # lattice points in the half-frame lag window: fewer is a few objects, not a lattice
+
+
 class LatticeError(ValueError):
     """No periodic lattice found in the frame."""
 
@@ -123,6 +126,9 @@ def analyze_lattice(image: np.ndarray, pixel_nm: float, strength: float = 0.5, f
         raise LatticeError("every strong autocorrelation peak lies on one line: stripes, not a 2D lattice")
     indices = lags @ np.linalg.inv(np.stack([a1, a2]))
     on_lattice = np.all(np.abs(indices - np.round(indices)) < 0.15, axis=1)
+    if on_lattice.sum() < MIN_LATTICE_PEAKS or on_lattice.mean() < 0.5:
+        raise LatticeError(f"{on_lattice.sum()} of {len(lags)} strong autocorrelation peaks fit one lattice: "
+                           "not a periodic frame")
     basis = np.linalg.lstsq(np.round(indices[on_lattice]), lags[on_lattice], rcond=None)[0]
     a, b = _reduce(basis[0], basis[1])
     return Lattice(a, b, classify(a, b), int(on_lattice.sum()))

@@ -26,7 +26,7 @@ from stm_live.engines import Reconstructor, reconstruct_exact
 from stm_live.localize.lattice import LatticeError, analyze_lattice
 from stm_live.localize.locmap import Atoms, combine_traces, localization_map
 from stm_live.localize.peaks import dominant_spacing_nm
-from stm_live.protocol import ATOM_COLUMNS, LocMap, Message
+from stm_live.protocol import ATOM_COLUMNS, MOLECULE_COLUMNS, LocMap, Message
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,11 @@ class LocalizationService:
         self._rng = np.random.default_rng()
         self._closing = threading.Event()
         self._unpaired: dict[tuple[str, str], tuple[str, Atoms, LocMap]] = {}
+        self.detector = None
+        if settings.molecules:
+            from stm_live.localize.molecules import MoleculeDetector
+
+            self.detector = MoleculeDetector()
         self._thread = threading.Thread(target=self._run, name="stm-live-localize", daemon=True)
 
     def wants(self, channel: str, direction: str) -> bool:
@@ -150,6 +155,10 @@ class LocalizationService:
             lattice_fields = {"a_nm": a, "b_nm": b, "angle_deg": lattice.angle_deg}
         except LatticeError:
             bravais, lattice_fields = "none", {}
+        molecules = np.zeros((len(MOLECULE_COLUMNS), 0))
+        if self.detector is not None:
+            found = self.detector.detect(single, pixel)
+            molecules = np.concatenate([found.boxes_nm.T, found.scores[None]])[:, :self.max_atoms]
         upsample = 2 if 2 * max(rows, cols) <= self.max_density_px else 1
         result = localization_map(self.engine, job.image, job.mask, pixel, spacing, self.samples, self._rng,
                                   self.settings.sigma_nm or None, self.settings.min_support, upsample)
@@ -157,7 +166,8 @@ class LocalizationService:
                          samples=self.samples, spacing_nm=float(spacing), sigma_nm=result.sigma_nm,
                          density_pixel_nm=result.density_pixel_nm, bravais=bravais, lattice=lattice_fields,
                          latency_s=time.perf_counter() - job.submitted, t=time.time(),
-                         density=result.density, atoms=self._table(result.atoms))
+                         density=result.density, atoms=self._table(result.atoms),
+                         molecules=molecules.astype(np.float64))
         return result.atoms, message
 
     def _table(self, atoms: Atoms) -> np.ndarray:

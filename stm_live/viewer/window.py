@@ -119,6 +119,8 @@ class ViewerWindow(QtWidgets.QMainWindow):
         view.addItem(image)
         self.atoms = pg.ScatterPlotItem(size=5, pen=pg.mkPen("c", width=0.8), brush=None, pxMode=True)
         view.addItem(self.atoms)
+        self.molecule_boxes = pg.PlotDataItem(pen=pg.mkPen("#76ff03", width=1.5), connect="finite")
+        view.addItem(self.molecule_boxes)
         self.views[LOCALIZATION], self.images[LOCALIZATION] = view, image
         self.setCentralWidget(central)
         self.status_label = QtWidgets.QLabel("waiting for the daemon")
@@ -207,13 +209,18 @@ class ViewerWindow(QtWidgets.QMainWindow):
         item.setImage(locmap.density, levels=robust_levels(locmap.density, 0.0, 99.9), autoLevels=False)
         item.setRect(QtCore.QRectF(0, 0, cols * locmap.density_pixel_nm, rows * locmap.density_pixel_nm))
         self.atoms.setData(locmap.atoms[0], locmap.atoms[1])
+        x0, y0, x1, y1 = locmap.molecules[:4]
+        nan = np.full_like(x0, np.nan)
+        self.molecule_boxes.setData(np.stack([x0, x1, x1, x0, x0, nan], axis=1).ravel(),
+                                    np.stack([y0, y0, y1, y1, y0, nan], axis=1).ravel())
         if LOCALIZATION not in self.scale_bars:
             self.scale_bars[LOCALIZATION] = self._scale_bar(LOCALIZATION, cols * locmap.density_pixel_nm)
         precision = f"{1000 * np.median(locmap.atoms[3]):.1f} pm" if locmap.atoms.shape[1] else "-"
         lattice = (f"{locmap.bravais} a={locmap.lattice['a_nm']:.3f} b={locmap.lattice['b_nm']:.3f} nm"
                    if locmap.lattice else "no lattice")
         self.views[LOCALIZATION].setTitle(
-            f"Localization map: INFERRED [{locmap.uid} {locmap.direction}, {locmap.atoms.shape[1]} atoms, {locmap.samples} "
+            f"Localization map: INFERRED [{locmap.uid} {locmap.direction}, {locmap.atoms.shape[1]} atoms, "
+            f"{locmap.molecules.shape[1]} molecules, {locmap.samples} "
             f"{locmap.method} samples, median precision {precision}, {lattice}]")
 
     def _scale_bar(self, name: str, width_nm: float) -> pg.ScaleBar:
