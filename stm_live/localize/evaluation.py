@@ -23,18 +23,21 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 
 from stm_live.engines import Reconstructor, reconstruct_exact
-from stm_live.localize.lattice import LatticeError, _reduce, analyze_lattice
+from stm_live.localize.lattice import LatticeError, analyze_lattice, reduce_basis
 from stm_live.localize.locmap import LocalizationMap, combine_traces, localization_map
 from stm_live.localize.peaks import Peaks, dominant_spacing_nm, find_peaks
 from stm_live.machine import machine
 from stm_live.plans import parse_plan
+
+if TYPE_CHECKING:
+    from stm_live.sim.frames import SimFrame
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,9 @@ def sparse_peaks(image: np.ndarray, mask: np.ndarray, pixel_nm: float, spacing_n
     return Peaks(found.x_nm, found.y_nm + (rows[0] + 0.5 - 0.5 * step) * pixel_nm, found.height)
 
 
-def _simulate(surface: str, rng: np.random.Generator, size: int):
+def truth_frame(surface: str, rng: np.random.Generator, size: int) -> SimFrame:
+    """A simulated frame whose image positions are its true positions: noise and feedback ringing,
+    no drift, creep or calibration error."""
     from stm_live.sim.frames import FrameSpec, simulate_frame
     from stm_live.sim.scan import ScanSettings, random_scenario
 
@@ -107,13 +112,17 @@ def evaluate_atoms(engine: Reconstructor, frames: int, samples: int, plan: str, 
         tallies = {m: _Tally() for m in METHODS}
         stated, actual, seconds = [], [], []
         for _ in range(frames):
-            frame = _simulate(surface, rng, size)
+            frame = truth_frame(surface, rng, size)
             pixel = frame.topography.canvas.pixel_nm
             truth_all = frame.topography.atoms_nm
             spacing = float(np.median(cKDTree(truth_all).query(truth_all, k=2)[0][:, 1]))
             image = frame.forward_z_nm.astype(np.float32)
             mask = parse_plan(plan).mask(size, size)
-            inside = lambda xy: np.all((xy >= spacing) & (xy < frame.topography.canvas.frame_nm - spacing), axis=1)
+            edge = (spacing, frame.topography.canvas.frame_nm - spacing)
+
+            def inside(xy: np.ndarray, edge: tuple[float, float] = edge) -> np.ndarray:
+                return np.all((xy >= edge[0]) & (xy < edge[1]), axis=1)
+
             truth = truth_all[inside(truth_all)]
             radius = 0.3 * spacing
             measured = np.where(mask, image, np.nan).astype(np.float32)
@@ -160,9 +169,9 @@ def evaluate_lattices(engine: Reconstructor, frames: int, plan: str, size: int,
     errors, correct, failed = [], 0, 0
     confusion: dict[str, dict[str, int]] = {}
     for _ in range(frames):
-        frame = _simulate("molecular_layer", rng, size)
+        frame = truth_frame("molecular_layer", rng, size)
         topo = frame.topography
-        true_a, true_b = _reduce(np.asarray(topo.params["a1_nm"]), np.asarray(topo.params["a2_nm"]))
+        true_a, true_b = reduce_basis(np.asarray(topo.params["a1_nm"]), np.asarray(topo.params["a2_nm"]))
         mask = parse_plan(plan).mask(size, size)
         image = reconstruct_exact(engine, np.where(mask, frame.forward_z_nm, np.nan)[None].astype(np.float32),
                                   mask[None]).images[0]
@@ -212,7 +221,7 @@ def plot_simulated(engine: Reconstructor, surface: str, path: str, samples: int 
     from stm_live.localize.figures import plot_locate
 
     rng = np.random.default_rng(seed)
-    frame = _simulate(surface, rng, size)
+    frame = truth_frame(surface, rng, size)
     truth = frame.topography.atoms_nm
     spacing = float(np.median(cKDTree(truth).query(truth, k=2)[0][:, 1]))
     pixel = frame.topography.canvas.pixel_nm

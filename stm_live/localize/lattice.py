@@ -83,7 +83,7 @@ def _correlation_peaks(image: np.ndarray, pixel_nm: float, strength: float, floo
     return np.stack([(found[:, 1] + offsets[1] - cx) * pixel_nm, (found[:, 0] + offsets[0] - cy) * pixel_nm], axis=1)
 
 
-def _reduce(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def reduce_basis(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Gauss (Lagrange) reduction: the shortest basis of the same lattice."""
     if a @ a > b @ b:
         a, b = b, a
@@ -130,5 +130,5 @@ def analyze_lattice(image: np.ndarray, pixel_nm: float, strength: float = 0.5, f
         raise LatticeError(f"{on_lattice.sum()} of {len(lags)} strong autocorrelation peaks fit one lattice: "
                            "not a periodic frame")
     basis = np.linalg.lstsq(np.round(indices[on_lattice]), lags[on_lattice], rcond=None)[0]
-    a, b = _reduce(basis[0], basis[1])
+    a, b = reduce_basis(basis[0], basis[1])
     return Lattice(a, b, classify(a, b), int(on_lattice.sum()))

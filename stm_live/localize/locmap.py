@@ -115,9 +115,11 @@ def combine_traces(forward: Atoms, backward: Atoms, radius_nm: float) -> Atoms:
     rows, cols = linear_sum_assignment(np.where(distance <= radius_nm, distance, 1e9))
     keep = distance[rows, cols] <= radius_nm
     f, b = rows[keep], cols[keep]
-    mean = lambda a, c: (getattr(forward, a)[f] + getattr(backward, a)[c]) / 2
+    def mean(column: str) -> np.ndarray:
+        return (getattr(forward, column)[f] + getattr(backward, column)[b]) / 2
+
     precision = np.sqrt(forward.precision_nm[f] ** 2 + backward.precision_nm[b] ** 2) / 2
-    return Atoms(mean("x_nm", b), mean("y_nm", b), mean("height", b), precision,
+    return Atoms(mean("x_nm"), mean("y_nm"), mean("height"), precision,
                  np.minimum(forward.support[f], backward.support[b]), samples)
 
 

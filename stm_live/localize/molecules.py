@@ -114,8 +114,9 @@ def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     x1 = np.minimum(a[:, None, 2], b[None, :, 2])
     y1 = np.minimum(a[:, None, 3], b[None, :, 3])
     inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area = lambda z: (z[:, 2] - z[:, 0]) * (z[:, 3] - z[:, 1])
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
 # -- training --------------------------------------------------------------------------------
@@ -124,10 +125,10 @@ def _sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarra
     """One simulated scan (full, or lines:4 reconstructed), its network input and targets."""
     from stm_live.engines import reconstruct_exact
     from stm_live.engines.classical import ClassicalReconstructor
-    from stm_live.localize.evaluation import _simulate
+    from stm_live.localize.evaluation import truth_frame
     from stm_live.plans import parse_plan
 
-    frame = _simulate("supramolecules", rng, 256)
+    frame = truth_frame("supramolecules", rng, 256)
     image = frame.forward_z_nm.astype(np.float32)
     if rng.random() < 0.5:
         mask = parse_plan("lines:4").mask(*image.shape)
@@ -209,13 +210,13 @@ def evaluate_detector(detector: MoleculeDetector, frames: int, seed: int, plan: 
     """Precision and recall of supramolecule boxes (IoU >= 0.5) on simulated scans."""
     from stm_live.engines import reconstruct_exact
     from stm_live.engines.classical import ClassicalReconstructor
-    from stm_live.localize.evaluation import _simulate
+    from stm_live.localize.evaluation import truth_frame
     from stm_live.plans import parse_plan
 
     rng = np.random.default_rng(seed)
     found = true = matched = 0
     for _ in range(frames):
-        frame = _simulate("supramolecules", rng, 256)
+        frame = truth_frame("supramolecules", rng, 256)
         image = frame.forward_z_nm.astype(np.float32)
         mask = parse_plan(plan).mask(*image.shape)
         if not mask.all():

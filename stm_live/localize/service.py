@@ -31,7 +31,6 @@ from stm_live.protocol import ATOM_COLUMNS, MOLECULE_COLUMNS, LocMap, Message
 log = logging.getLogger(__name__)
 
 MIN_FRAME_PX = 32
-MAX_UNPAIRED = 64
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class LocalizationService:
         self._jobs: queue.Queue[LocalizeJob | None] = queue.Queue(settings.max_queued)
         self._rng = np.random.default_rng()
         self._closing = threading.Event()
-        self._unpaired: dict[tuple[str, str], tuple[str, Atoms, LocMap]] = {}
+        self._unpaired: dict[str, tuple[str, str, Atoms, LocMap]] = {}  # per channel: the newest lone trace
         self.detector = None
         if settings.molecules:
             from stm_live.localize.molecules import MoleculeDetector
@@ -86,7 +85,10 @@ class LocalizationService:
                     continue
                 if dropped is not None:
                     self.counters["locmaps_dropped"] += 1
-                    log.warning("localization behind: dropped the map of %s/%s", dropped.uid, dropped.channel)
+                    count = self.counters["locmaps_dropped"]
+                    if count in (1, 10, 100, 1000) or count % 10_000 == 0:
+                        log.warning("localization behind: dropped the map of %s/%s (%d dropped so far)",
+                                    dropped.uid, dropped.channel, count)
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish the frames already queued, then stop."""
@@ -119,14 +121,11 @@ class LocalizationService:
         atoms, message = result
         if not {"forward", "backward"} <= set(self.settings.directions):
             return [message]
-        key = (job.uid, job.channel)
-        other = self._unpaired.pop(key, None)
-        if other is None or other[0] == job.direction:
-            self._unpaired[key] = (job.direction, atoms, message)
-            while len(self._unpaired) > MAX_UNPAIRED:
-                self._unpaired.pop(next(iter(self._unpaired)))
+        other = self._unpaired.pop(job.channel, None)
+        if other is None or other[0] != job.uid or other[1] == job.direction:
+            self._unpaired[job.channel] = (job.uid, job.direction, atoms, message)
             return [message]
-        _, other_atoms, other_message = other
+        _, _, other_atoms, other_message = other
         both = combine_traces(atoms, other_atoms, 0.3 * message.spacing_nm)
         density = (message.density + other_message.density) / 2 if message.density.shape == \
             other_message.density.shape else message.density
