@@ -219,7 +219,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
         lattice = (f"{locmap.bravais} a={locmap.lattice['a_nm']:.3f} b={locmap.lattice['b_nm']:.3f} nm"
                    if locmap.lattice else "no lattice")
         self.views[LOCALIZATION].setTitle(
-            f"Localization map: INFERRED [{locmap.uid} {locmap.direction}, {locmap.atoms.shape[1]} atoms, "
+            f"Localization map: INFERRED [{locmap.uid} {locmap.direction}]<br>{locmap.atoms.shape[1]} atoms, "
             f"{locmap.molecules.shape[1]} molecules, {locmap.samples} "
             f"{locmap.method} samples, median precision {precision}, {lattice}]")
 
