@@ -288,3 +288,38 @@ def test_a_scan_whose_instrument_falls_silent_is_closed_as_aborted(settings):
     finally:
         h.stop()
         context.term()
+
+
+def test_a_simulator_killed_mid_scan_and_restarted(settings):
+    """A real simulator process is SIGKILLed mid-scan and started again: the interrupted scan is
+    closed as aborted with every line the daemon received recorded, and the new one completes."""
+    import signal
+    import subprocess
+    import sys
+
+    settings.daemon.scan_timeout_s = 1.0
+    settings.localize.enabled = False
+    context = zmq.Context()
+    h = Harness(settings, context, with_publisher=False).start()
+    cli = [sys.executable, "-m", "stm_live", "--log-level", "WARNING", "sim", "--bind", settings.daemon.input,
+           "--size", "64", "--plan", "full", "--frames", "1"]
+    first = subprocess.Popen([*cli, "--line-rate", "40", "--seed", "1"])
+    try:
+        h.status_after(lambda s: s.counters["lines"] >= 20, timeout=60)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        status = h.status_after(lambda s: s.counters["scans_aborted"] == 1, timeout=30)
+        received = status.counters["lines"]
+        assert 20 <= received < 128
+        second = subprocess.Popen([*cli, "--line-rate", "2000", "--seed", "2"])
+        assert second.wait(60) == 0
+        status = h.status_after(lambda s: s.counters["scans_completed"] == 1, timeout=30)
+        assert status.counters["lines"] == received + 128 and status.counters["dropped"] == 0
+        journal = [e.message for e in read_journal(h.daemon.recorder.journal_path("sim-1-0000"))]
+        assert sum(isinstance(m, Line) for m in journal) == received
+        wait_for((h.daemon.recorder.directory / "sim-2-0000.h5").exists, 30, "the new scan's HDF5")
+    finally:
+        if first.poll() is None:
+            first.kill()
+        h.stop()
+        context.term()
