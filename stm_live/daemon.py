@@ -22,6 +22,7 @@ from stm_live.config import Settings
 from stm_live.engines import create_chain
 from stm_live.export import ExportProcess, interrupted_scans
 from stm_live.localize.service import LocalizationService, LocalizeJob
+from stm_live.metrics import worth_logging
 from stm_live.protocol import (
     INSTRUMENT_TYPES,
     Decoder,
@@ -54,7 +55,7 @@ class DropLog:
     def drop(self, reason: str, detail: str) -> None:
         n = self.counts.get(reason, 0) + 1
         self.counts[reason] = n
-        if n in (1, 10, 100, 1000) or n % 10_000 == 0:
+        if worth_logging(n):
             log.warning("dropped message #%d for %s: %s", n, reason, detail)
 
 
@@ -141,7 +142,6 @@ class Daemon:
             self.scheduler.close()
             if self.localize is not None:
                 self.localize.close()
-                self.localize.engine.close()
             if self.tip is not None:
                 self.tip.close()
             self._forward(results, pub)
@@ -297,10 +297,11 @@ class Daemon:
     def _submit_localization(self, state: ScanState, direction: str, frames: DirectionFrames) -> None:
         if self.localize is None:
             return
+        mask = frames.measured.copy()
         for info, image in zip(state.start.channels, frames.images):
             if self.localize.wants(info.name, direction):
                 self.localize.submit(LocalizeJob(state.uid, info.name, direction, state.start.size_nm, image.copy(),
-                                                 frames.measured.copy(), time.perf_counter()))
+                                                 mask, time.perf_counter()))
 
     # -- output path ------------------------------------------------------------------------
     def _send_from_worker(self, msg: Message) -> None:

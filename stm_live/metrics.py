@@ -83,3 +83,8 @@ class LatencyWindow:
             return {}
         p50, p99 = np.percentile(values, [50, 99])
         return {"p50": float(p50), "p99": float(p99), "max": float(values.max()), "n": float(values.size)}
+
+
+def worth_logging(count: int) -> bool:
+    """For repeated events: log the 1st, 10th, 100th, 1000th and every 10,000th, not each one."""
+    return count in (1, 10, 100, 1000) or count % 10_000 == 0

@@ -22,10 +22,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from stm_live.config import LocalizeSettings
-from stm_live.engines import Reconstructor, reconstruct_exact
+from stm_live.engines import EngineChain, reconstruct_exact
 from stm_live.localize.lattice import LatticeError, analyze_lattice
 from stm_live.localize.locmap import Atoms, combine_traces, localization_map
 from stm_live.localize.peaks import dominant_spacing_nm
+from stm_live.metrics import worth_logging
 from stm_live.protocol import ATOM_COLUMNS, MOLECULE_COLUMNS, LocMap, Message
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class LocalizeJob:
 
 
 class LocalizationService:
-    def __init__(self, settings: LocalizeSettings, engine: Reconstructor, sink: Callable[[Message], None],
+    def __init__(self, settings: LocalizeSettings, engine: EngineChain, sink: Callable[[Message], None],
                  max_atoms: int = 8192, max_density_px: int = 8192) -> None:
         self.settings = settings
         self.engine = engine
@@ -86,17 +87,17 @@ class LocalizationService:
                 if dropped is not None:
                     self.counters["locmaps_dropped"] += 1
                     count = self.counters["locmaps_dropped"]
-                    if count in (1, 10, 100, 1000) or count % 10_000 == 0:
+                    if worth_logging(count):
                         log.warning("localization behind: dropped the map of %s/%s (%d dropped so far)",
                                     dropped.uid, dropped.channel, count)
 
     def close(self, timeout: float = 30.0) -> None:
-        """Finish the frames already queued, then stop."""
-        if self._thread.ident is None:
-            return
-        self._closing.set()
-        self._jobs.put(None)
-        self._thread.join(timeout)
+        """Finish the frames already queued, then stop, and release the engines."""
+        if self._thread.ident is not None:
+            self._closing.set()
+            self._jobs.put(None)
+            self._thread.join(timeout)
+        self.engine.close()
 
     def _run(self) -> None:
         duty = self.settings.max_duty
