@@ -63,6 +63,10 @@ def conditioning_setup(settings, driver_max_bias_v: float):
     settings.conditioning.recovery_windows = 8
     settings.conditioning.actions = ["bias_pulse bias_v=3.0 width_s=0.01"]
     settings.conditioning.endpoint = free_tcp_endpoint()
+    # The simulator answers actions from a thread of this test process, beside the daemon; the
+    # localization thread's numerical work would compete with it for the GIL, which a separate
+    # instrument process never does.
+    settings.localize.enabled = False
     gate = ConditioningGate(ConditioningLimits(max_bias_v=driver_max_bias_v, min_interval_s=0.0, dry_run=False))
     return gate
 
