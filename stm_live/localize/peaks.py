@@ -1,8 +1,11 @@
 """Atoms as local maxima of apparent height, refined to sub-pixel positions, in nm.
 
-Terraces and slow background would hide the atomic corrugation from a plain maximum search, so
-the image is first flattened by subtracting a blur much wider than the atom spacing, and
-lightly smoothed against pixel noise. A maximum counts as an atom when it stands out of the
+Terraces, slow background, a moire and the tails of neighbouring atoms would hide or pull the
+maxima of a plain search, so the image is first band-passed at the atom scale: lightly smoothed
+against pixel noise, minus a blur half an atom spacing wide (a difference of Gaussians). On the
+simulator this halved the error of maxima on noise-free Si(111)-7x7 (33 -> 12 pm: the tails of
+adatoms 0.67 nm apart overlap) and found the atoms on a graphite moire, which a blur two
+spacings wide left as a slope with few maxima. A maximum counts as an atom when it stands out of the
 flattened image by `threshold` times the pixel noise left after the smoothing (estimated from
 differences of neighbouring pixels along the rows, where the fast scan leaves little else). Each maximum is refined by a separable
 parabola through its 3x3 neighbourhood. Pixels may be non-square (a sparse scan's measured rows
@@ -38,9 +41,9 @@ class Peaks:
 
 
 def flatten(image: np.ndarray, pixel_nm: tuple[float, float], spacing_nm: float) -> np.ndarray:
-    """Atomic corrugation alone: the image minus a blur 2 spacings wide, smoothed at spacing / 8."""
+    """Atomic corrugation alone: smoothed at spacing / 8, minus a blur half a spacing wide."""
     data = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=float(np.nanmedian(image)))
-    wide = [2.0 * spacing_nm / p for p in pixel_nm]
+    wide = [0.5 * spacing_nm / p for p in pixel_nm]
     fine = [spacing_nm / 8.0 / p for p in pixel_nm]
     return ndimage.gaussian_filter(data, fine, mode="nearest") - ndimage.gaussian_filter(data, wide, mode="nearest")
 
