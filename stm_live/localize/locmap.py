@@ -100,27 +100,59 @@ def pool(found: list[Peaks], radius_nm: float, min_support: float) -> Atoms:
                  support[keep], samples)
 
 
-def combine_traces(forward: Atoms, backward: Atoms, radius_nm: float) -> Atoms:
-    """Atoms seen in both traces of a frame, at the mean of the two positions.
+def trace_offset(forward: np.ndarray, backward: np.ndarray, spacing_nm: float, rounds: int = 3) -> np.ndarray:
+    """Median displacement (nm, x and y) of the forward trace's atoms from the backward trace's.
+
+    Along the fast-scan axis it is twice the feedback loop's lag plus the piezo's hysteresis;
+    it is the median over nearest neighbours closer than half a spacing (unambiguous on any
+    lattice), re-paired after each shift, so an offset up to half a spacing is recovered."""
+    offset = np.zeros(2)
+    if len(forward) == 0 or len(backward) == 0:
+        return offset
+    tree = cKDTree(backward)
+    for _ in range(rounds):
+        distance, nearest = tree.query(forward - offset, distance_upper_bound=0.5 * spacing_nm)
+        paired = np.isfinite(distance)
+        if not paired.any():
+            break
+        offset = np.median(forward[paired] - backward[nearest[paired]], axis=0)
+    return offset
+
+
+def combine_traces(forward: Atoms, backward: Atoms, spacing_nm: float) -> tuple[Atoms, np.ndarray]:
+    """The atoms of both traces of a frame with the feedback lag removed, and the traces' offset
+    (`trace_offset`).
 
     The feedback loop lags behind the tip, shifting every feature along the fast-scan direction
-    of travel: forward one way, backward the other by the same amount. The mean cancels the lag;
-    the precision combines both traces' (halved, as for a mean of two)."""
+    of travel: forward one way, backward the other by the same amount, half the offset each.
+    Atoms closer than 0.3 spacings once the offset is removed are one atom at the mean of the
+    pair (the lag cancels; the precision combines both traces', halved as for a mean of two); an
+    atom only one trace found is kept, moved back by half the offset."""
     from scipy.optimize import linear_sum_assignment
 
     samples = min(forward.samples, backward.samples)
-    if len(forward) == 0 or len(backward) == 0:
-        return Atoms(*(np.zeros(0) for _ in range(4)), np.zeros(0, int), samples)
-    distance = np.linalg.norm(forward.xy_nm[:, None] - backward.xy_nm[None], axis=-1)
-    rows, cols = linear_sum_assignment(np.where(distance <= radius_nm, distance, 1e9))
-    keep = distance[rows, cols] <= radius_nm
-    f, b = rows[keep], cols[keep]
-    def mean(column: str) -> np.ndarray:
-        return (getattr(forward, column)[f] + getattr(backward, column)[b]) / 2
+    offset = trace_offset(forward.xy_nm, backward.xy_nm, spacing_nm)
+    f = b = np.zeros(0, int)
+    if len(forward) and len(backward):
+        distance = np.linalg.norm(forward.xy_nm[:, None] - offset - backward.xy_nm[None], axis=-1)
+        rows, cols = linear_sum_assignment(np.where(distance <= 0.3 * spacing_nm, distance, 1e9))
+        keep = distance[rows, cols] <= 0.3 * spacing_nm
+        f, b = rows[keep], cols[keep]
+    lone_f = np.setdiff1d(np.arange(len(forward)), f)
+    lone_b = np.setdiff1d(np.arange(len(backward)), b)
 
-    precision = np.sqrt(forward.precision_nm[f] ** 2 + backward.precision_nm[b] ** 2) / 2
-    return Atoms(mean("x_nm"), mean("y_nm"), mean("height"), precision,
-                 np.minimum(forward.support[f], backward.support[b]), samples)
+    def column(name: str) -> np.ndarray:
+        one, other = getattr(forward, name), getattr(backward, name)
+        return np.concatenate([(one[f] + other[b]) / 2, one[lone_f], other[lone_b]])
+
+    shift = np.concatenate([np.zeros((len(f), 2)), np.tile(-offset / 2, (len(lone_f), 1)),
+                            np.tile(offset / 2, (len(lone_b), 1))])
+    precision = np.concatenate([np.hypot(forward.precision_nm[f], backward.precision_nm[b]) / 2,
+                                forward.precision_nm[lone_f], backward.precision_nm[lone_b]])
+    support = np.concatenate([np.minimum(forward.support[f], backward.support[b]), forward.support[lone_f],
+                              backward.support[lone_b]])
+    return Atoms(column("x_nm") + shift[:, 0], column("y_nm") + shift[:, 1], column("height"), precision,
+                 support.astype(int), samples), offset
 
 
 def render_density(found: list[Peaks], shape: tuple[int, int], pixel_nm: float, sigma_nm: float,
