@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -66,13 +66,14 @@ def random_spec(rng: np.random.Generator, size_px: int = 256, surface: str | Non
                      steps)
 
 
-def margin_px(spec: FrameSpec) -> int:
-    """Padding that covers every shift the scan can apply: apices, drift, creep, misalignment."""
+def margin_px(spec: FrameSpec, frames: int = 1) -> int:
+    """Padding that covers every shift the scan can apply to `frames` successive frames: apices,
+    drift, creep, misalignment."""
     p = spec.frame_nm / spec.size_px
     scan = spec.scan
     frame_time = spec.size_px * scan.line_time_s
     reach = max(tips.max_offset_nm(s.tip) + 3 * s.tip.resolution_nm for s in spec.scenario.segments)
-    reach += np.hypot(*scan.drift_nm_per_s) * frame_time + np.hypot(*scan.creep_nm) + scan.hysteresis_nm
+    reach += np.hypot(*scan.drift_nm_per_s) * (scan.start_s + frames * frame_time) + np.hypot(*scan.creep_nm) + scan.hysteresis_nm
     sx, sy, shear = scan.calibration
     reach += spec.frame_nm / 2 * (max(abs(sx - 1), abs(sy - 1)) + abs(shear))
     reach += 5 * scan.misalign_sigma_px * p + FEATURE_REACH_NM
@@ -83,10 +84,20 @@ FEATURE_REACH_NM = 0.7  # about three sigma of the common apparent-height profil
 
 
 def simulate_frame(spec: FrameSpec, rng: np.random.Generator) -> SimFrame:
-    canvas = Canvas(spec.size_px, spec.frame_nm, margin_px(spec))
+    return simulate_sequence(spec, rng, 1)[0]
+
+
+def simulate_sequence(spec: FrameSpec, rng: np.random.Generator, frames: int) -> list[SimFrame]:
+    """`frames` successive scans of one area, each starting one frame period after the last:
+    drift carries on from frame to frame and creep decays, as when a user rescans a region."""
+    canvas = Canvas(spec.size_px, spec.frame_nm, margin_px(spec, frames))
     topo = SURFACES[spec.surface](canvas, rng, spec.bias_v, steps=spec.steps)
     canvas.add_smooth_random(rng, rms_nm=float(rng.uniform(0.0, 0.008)), correlation_nm=float(rng.uniform(2.0, 10.0)))
-    measurement = measure(topo, spec.scenario, spec.scan, rng)
     clean = canvas.crop(tips.image(topo, tips.Tip("good", REFERENCE_RESOLUTION_NM))).astype(np.float32)
-    return SimFrame(spec, measurement, clean, topo)
+    period = spec.size_px * spec.scan.line_time_s
+    sequence = []
+    for k in range(frames):
+        scan = replace(spec.scan, start_s=spec.scan.start_s + k * period)
+        sequence.append(SimFrame(replace(spec, scan=scan), measure(topo, spec.scenario, scan, rng), clean, topo))
+    return sequence
 

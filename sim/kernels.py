@@ -8,7 +8,7 @@ import numpy as np
 
 @numba.njit(cache=True, fastmath=True)
 def sample_scan(image: np.ndarray, out: np.ndarray, image_rows: np.ndarray, acquired_index: np.ndarray,
-                backward: bool, line_time: float, pixel_nm: float, margin: int, drift_x: float, drift_y: float,
+                backward: bool, start_s: float, line_time: float, pixel_nm: float, margin: int, drift_x: float, drift_y: float,
                 creep_x: float, creep_y: float, creep_tau: float, hysteresis_nm: float,
                 row_shift_px: np.ndarray, scale_x: float, scale_y: float, shear: float) -> None:
     """Sample the padded height map where the tip really was for each pixel of the given rows.
@@ -16,7 +16,7 @@ def sample_scan(image: np.ndarray, out: np.ndarray, image_rows: np.ndarray, acqu
     The tip's position at time t is the nominal pixel centre, distorted by the piezo calibration
     (scales and shear about the frame centre), plus drift v t, creep c exp(-t / tau), the backward
     trace's hysteresis offset and the row's misalignment; a pixel of row r (scanned k-th) is
-    measured at t = k T + its place along the trace. Bilinear, clamped at the edges.
+    measured at t = start + k T + its place along the trace. Bilinear, clamped at the edges.
     """
     h, w = image.shape
     cols = out.shape[1]
@@ -24,7 +24,7 @@ def sample_scan(image: np.ndarray, out: np.ndarray, image_rows: np.ndarray, acqu
     centre = 0.5 * cols * pixel_nm
     for i in range(image_rows.size):
         r = image_rows[i]
-        t_row = acquired_index[i] * line_time + (half if backward else 0.0)
+        t_row = start_s + acquired_index[i] * line_time + (half if backward else 0.0)
         for c in range(cols):
             along = (cols - 1 - c) if backward else c
             t = t_row + (along + 0.5) / cols * half

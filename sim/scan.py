@@ -38,6 +38,7 @@ class ScanSettings:
     flicker_noise_nm: float = 0.002
     feedback_period_px: float = 6.0
     feedback_damping: float = 0.5
+    start_s: float = 0.0  # time since drift and creep began: successive frames of one area start later
     setpoint_a: float = 50e-12
     current_noise: float = 0.02
 
@@ -183,8 +184,8 @@ def measure(topo: Topography, scenario: TipScenario, settings: ScanSettings, rng
         acquired = order[segment.start:end]
         heights = tips.image(topo, segment.tip)
         for trace in (0, 1):
-            sample_scan(heights, z[trace], acquired, np.arange(segment.start, end), trace == 1, settings.line_time_s,
-                        canvas.pixel_nm, canvas.margin, *settings.drift_nm_per_s, *settings.creep_nm,
+            sample_scan(heights, z[trace], acquired, np.arange(segment.start, end), trace == 1, settings.start_s,
+                        settings.line_time_s, canvas.pixel_nm, canvas.margin, *settings.drift_nm_per_s, *settings.creep_nm,
                         settings.creep_tau_s, settings.hysteresis_nm, shift_px, *settings.calibration)
         state[acquired] = STATE_CODE["unstable" if segment.unstable else segment.tip.state]
         unstable[acquired] = segment.unstable
