@@ -64,7 +64,8 @@ class LocalizeSettings(_Section):
     channels: list[str] = Field(["Z", "Topography"], description="height channels to localize")
     directions: list[Literal["forward", "backward"]] = Field(
         ["forward", "backward"], min_length=1,
-        description="traces to localize; with both, a third map ('both') averages the atoms the two traces share")
+        description="traces to localize; with both, a third map ('both') holds the atoms of both "
+                    "traces with the feedback lag removed")
     samples: int = Field(100, ge=1, le=1000, description="stochastic reconstructions per map on a GPU engine")
     samples_cpu: int = Field(16, ge=1, le=1000, description="stochastic reconstructions per map on the CPU")
     spacing_nm: float = Field(0.0, ge=0, description="atom nearest-neighbour distance; 0 = from the dominant "

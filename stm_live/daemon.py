@@ -301,7 +301,7 @@ class Daemon:
         for info, image in zip(state.start.channels, frames.images):
             if self.localize.wants(info.name, direction):
                 self.localize.submit(LocalizeJob(state.uid, info.name, direction, state.start.size_nm, image.copy(),
-                                                 mask, time.perf_counter()))
+                                                 mask, time.perf_counter(), state.start.t))
 
     # -- output path ------------------------------------------------------------------------
     def _send_from_worker(self, msg: Message) -> None:

@@ -203,7 +203,12 @@ class LocMap:
     both traces found, their positions averaged (the feedback lag cancels). `atoms` is (5, K): x_nm, y_nm,
     flattened height, localization precision (nm, 1 sigma), support (reconstructions, of
     `samples`). `density` covers the frame at `density_pixel_nm`. `bravais` is 'none' with an
-    empty `lattice` (a_nm, b_nm, angle_deg) when the frame shows no 2D lattice."""
+    empty `lattice` (a_nm, b_nm, angle_deg) when the frame shows no 2D lattice. `motion` holds
+    what was measured of the scan's own movement, each pair only when measured: the drift from
+    the previous frame of this channel and direction (drift_x_nm_s, drift_y_nm_s: how fast the
+    image content moves, x right, y down the rows) and, on 'both' maps, the forward trace's
+    offset from the backward one (trace_offset_x_nm, trace_offset_y_nm: twice the feedback lag
+    plus the piezo hysteresis)."""
 
     uid: str
     channel: str
@@ -220,6 +225,7 @@ class LocMap:
     density: np.ndarray
     atoms: np.ndarray
     molecules: np.ndarray
+    motion: dict[str, float] = field(default_factory=dict)
     type = "locmap"
 
 
@@ -228,6 +234,7 @@ MOLECULE_COLUMNS = ("x0_nm", "y0_nm", "x1_nm", "y1_nm", "score")
 LOCMAP_DIRECTIONS = (*LINE_DIRECTIONS, "both")
 BRAVAIS_CLASSES = ("oblique", "rectangular", "centered_rectangular", "square", "hexagonal", "none")
 LATTICE_FIELDS = ("a_nm", "b_nm", "angle_deg")
+MOTION_PAIRS = (("drift_x_nm_s", "drift_y_nm_s"), ("trace_offset_x_nm", "trace_offset_y_nm"))
 
 Message = Union[ScanStart, Line, ScanEnd, Heartbeat, Frame, Status, Truth, TipReport, TipAlert, ActionReport,
                 LocMap]
@@ -292,7 +299,7 @@ def encode(msg: Message) -> list[Any]:
         header.update(uid=msg.uid, channel=msg.channel, direction=msg.direction, method=msg.method,
                       samples=msg.samples, spacing_nm=msg.spacing_nm, sigma_nm=msg.sigma_nm,
                       density_pixel_nm=msg.density_pixel_nm, bravais=msg.bravais, lattice=msg.lattice,
-                      latency_s=msg.latency_s, t=msg.t)
+                      motion=msg.motion, latency_s=msg.latency_s, t=msg.t)
         arrays = [("density", msg.density), ("atoms", msg.atoms), ("molecules", msg.molecules)]
     else:
         raise TypeError(f"not a protocol message: {type(msg).__name__}")
@@ -572,12 +579,16 @@ class Decoder:
                                              f"molecules {molecules.shape}")
         bravais = f.choice("bravais", BRAVAIS_CLASSES)
         lattice = f.numbers("lattice", () if bravais == "none" else LATTICE_FIELDS)
+        motion = f.numbers("motion")
+        if set(motion) - {name for pair in MOTION_PAIRS for name in pair} or any(
+                (x in motion) != (y in motion) for x, y in MOTION_PAIRS):
+            raise ProtocolError("bad_field", f"'motion' must hold whole pairs of {MOTION_PAIRS}")
         return LocMap(uid=f.pattern("uid", _UID), channel=f.pattern("channel", _NAME),
                       direction=f.choice("direction", LOCMAP_DIRECTIONS), method=f.get("method", str)[:64],
                       samples=f.count("samples", 1, 10_000), spacing_nm=f.number("spacing_nm"),
                       sigma_nm=f.number("sigma_nm"), density_pixel_nm=f.number("density_pixel_nm"),
                       bravais=bravais, lattice=lattice, latency_s=f.number("latency_s"), t=f.number("t"),
-                      density=density, atoms=atoms, molecules=molecules)
+                      density=density, atoms=atoms, molecules=molecules, motion=motion)
 
 
 def _no_arrays(arrays: list[np.ndarray]) -> None:

@@ -4,8 +4,9 @@ Localization costs N engine reconstructions, so it never runs on the ingest or r
 threads: the ingest thread hands over a copy of each final frame of the configured height
 channels, and this thread publishes a `locmap` message per frame. The queue is bounded; when
 frames arrive faster than they can be localized the oldest waiting one is dropped and counted.
-When both traces are localized, the second one's map is followed by a 'both' map: the atoms
-the two traces share, averaged, which cancels the feedback loop's lag.
+When both traces are localized, the second one's map is followed by a 'both' map: the atoms of
+both traces with the feedback loop's lag removed, and the offset between the traces. Each map
+also carries the drift measured against the previous frame of its channel and direction.
 The thread rests after each map so that it uses at most `max_duty` of the time: on a machine
 with few cores the ingest, reconstruction and tip threads keep their share.
 """
@@ -23,6 +24,7 @@ import numpy as np
 
 from stm_live.config import LocalizeSettings
 from stm_live.engines import EngineChain, reconstruct_exact
+from stm_live.localize.drift import DriftTracker
 from stm_live.localize.lattice import LatticeError, analyze_lattice
 from stm_live.localize.locmap import Atoms, combine_traces, localization_map
 from stm_live.localize.peaks import dominant_spacing_nm
@@ -43,6 +45,7 @@ class LocalizeJob:
     image: np.ndarray
     mask: np.ndarray
     submitted: float
+    started_t: float  # the scan's start on the instrument clock: successive frames' drift
 
 
 class LocalizationService:
@@ -59,6 +62,7 @@ class LocalizationService:
         self._rng = np.random.default_rng()
         self._closing = threading.Event()
         self._unpaired: dict[str, tuple[str, str, Atoms, LocMap]] = {}  # per channel: the newest lone trace
+        self._drift = DriftTracker()
         self.detector = None
         if settings.molecules:
             from stm_live.localize.molecules import MoleculeDetector
@@ -127,10 +131,13 @@ class LocalizationService:
             self._unpaired[job.channel] = (job.uid, job.direction, atoms, message)
             return [message]
         _, _, other_atoms, other_message = other
-        both = combine_traces(atoms, other_atoms, 0.3 * message.spacing_nm)
+        forward, backward = (atoms, other_atoms) if job.direction == "forward" else (other_atoms, atoms)
+        both, offset = combine_traces(forward, backward, message.spacing_nm)
         density = (message.density + other_message.density) / 2 if message.density.shape == \
             other_message.density.shape else message.density
         combined = replace(message, direction="both", density=density.astype(np.float32), atoms=self._table(both),
+                           motion={**message.motion, "trace_offset_x_nm": float(offset[0]),
+                                   "trace_offset_y_nm": float(offset[1])},
                            latency_s=time.perf_counter() - job.submitted, t=time.time())
         return [message, combined]
 
@@ -155,6 +162,10 @@ class LocalizationService:
             lattice_fields = {"a_nm": a, "b_nm": b, "angle_deg": lattice.angle_deg}
         except LatticeError:
             bravais, lattice_fields = "none", {}
+        motion = {}
+        drift = self._drift.update((job.channel, job.direction), single, job.size_nm, job.started_t, spacing)
+        if drift is not None:
+            motion = {"drift_x_nm_s": drift.velocity_nm_s[0], "drift_y_nm_s": drift.velocity_nm_s[1]}
         molecules = np.zeros((len(MOLECULE_COLUMNS), 0))
         if self.detector is not None:
             found = self.detector.detect(single, pixel)
@@ -167,7 +178,7 @@ class LocalizationService:
                          density_pixel_nm=result.density_pixel_nm, bravais=bravais, lattice=lattice_fields,
                          latency_s=time.perf_counter() - job.submitted, t=time.time(),
                          density=result.density, atoms=self._table(result.atoms),
-                         molecules=molecules.astype(np.float64))
+                         molecules=molecules.astype(np.float64), motion=motion)
         return result.atoms, message
 
     def _table(self, atoms: Atoms) -> np.ndarray:

@@ -218,10 +218,13 @@ class ViewerWindow(QtWidgets.QMainWindow):
         precision = f"{1000 * np.median(locmap.atoms[3]):.1f} pm" if locmap.atoms.shape[1] else "-"
         lattice = (f"{locmap.bravais} a={locmap.lattice['a_nm']:.3f} b={locmap.lattice['b_nm']:.3f} nm"
                    if locmap.lattice else "no lattice")
+        motion = locmap.motion
+        drift = (f", drift {60 * motion['drift_x_nm_s']:+.2f}, {60 * motion['drift_y_nm_s']:+.2f} nm/min"
+                 if "drift_x_nm_s" in motion else "")
         self.views[LOCALIZATION].setTitle(
             f"Localization map: INFERRED [{locmap.uid} {locmap.direction}]<br>{locmap.atoms.shape[1]} atoms, "
             f"{locmap.molecules.shape[1]} molecules, {locmap.samples} "
-            f"{locmap.method} samples, median precision {precision}, {lattice}]")
+            f"{locmap.method} samples, median precision {precision}, {lattice}{drift}")
 
     def _scale_bar(self, name: str, width_nm: float) -> pg.ScaleBar:
         length = float(10 ** np.floor(np.log10(width_nm / 4)))
