@@ -226,7 +226,7 @@ def cmd_eval_locate(args: argparse.Namespace) -> int:
 
     engine = create_engine(args.engine)
     _print_json(evaluate(engine, args.frames, args.lattice_frames, args.samples, args.plan, args.size, args.seed,
-                         args.plot, args.plot_surface), args.json)
+                         args.plot, args.plot_surface, drift_pairs=args.drift_pairs), args.json)
     return 0
 
 
@@ -457,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "against simulator truth")
     p.add_argument("--frames", type=int, default=6, help="frames per surface for atom positions")
     p.add_argument("--lattice-frames", type=int, default=50, help="molecular-layer frames for the lattice analysis")
+    p.add_argument("--drift-pairs", type=int, default=20, help="pairs of successive frames per surface for drift")
     p.add_argument("--samples", type=int, default=32, help="stochastic reconstructions per localization map")
     p.add_argument("--plan", default="lines:4")
     p.add_argument("--size", type=int, default=256)

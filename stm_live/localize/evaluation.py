@@ -1,8 +1,10 @@
-"""`stm-live eval locate` and `stm-live locate FILE`: atom positions and lattices against truth.
+"""`stm-live eval locate` and `stm-live locate FILE`: atom positions, lattices, drift and
+molecules against truth.
 
 Simulator frames carry the true atom positions. They are scanned here with noise, 1/f noise and
 feedback ringing but without drift, creep or calibration error, because those move the image
-away from the truth by amounts no single-frame method can know. Atoms are matched to the truth
+away from the truth by amounts no single-frame method can know (drift is scored on its own, on
+pairs of successive frames of one area). Atoms are matched to the truth
 one to one (Hungarian assignment) within 0.3 nearest-neighbour distances; atoms closer than one
 spacing to the frame edge are not scored. The atom spacing handed to the peak finder is the
 surface's nearest-neighbour distance, as a user sets it for a known sample.
@@ -14,7 +16,8 @@ Methods compared on the same sparse scan, with a reference:
 - `raw_refined`: the same maxima with sub-pixel refinement;
 - `single`: maxima of one reconstruction by the engine;
 - `locmap`: the localization map's pooled atoms from N stochastic reconstructions;
-- `locmap_fb`: the atoms of the forward and backward traces' maps, paired and averaged (which
+- `locmap_fb`: the atoms of the forward and backward traces' maps with the measured offset
+  between the traces removed: pairs averaged, lone atoms moved back by half the offset (which
   cancels the feedback loop's lag along the fast-scan direction).
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +35,7 @@ from scipy.spatial import cKDTree
 
 from stm_live.engines import Reconstructor, reconstruct_exact
 from stm_live.localize.lattice import LatticeError, analyze_lattice, reduce_basis
-from stm_live.localize.locmap import LocalizationMap, combine_traces, localization_map
+from stm_live.localize.locmap import Atoms, LocalizationMap, combine_traces, localization_map
 from stm_live.localize.peaks import Peaks, dominant_spacing_nm, find_peaks
 from stm_live.machine import machine
 from stm_live.plans import parse_plan
@@ -85,23 +89,26 @@ def truth_frame(surface: str, rng: np.random.Generator, size: int) -> SimFrame:
 class _Tally:
     def __init__(self) -> None:
         self.found = self.truth = self.matched = 0
-        self.errors: list[np.ndarray] = []
+        self.errors: dict[tuple[int, int], float] = {}  # (frame, true atom) -> error (nm)
 
     def add(self, xy: np.ndarray, truth: np.ndarray, radius: float) -> np.ndarray:
         i, j = match(xy, truth, radius)
+        frame = self.truth  # true atoms tallied so far: names this frame alike in every method's tally
         self.found += len(xy)
         self.truth += len(truth)
         self.matched += len(i)
         error = np.linalg.norm(xy[i] - truth[j], axis=1)
-        self.errors.append(error)
+        self.errors.update({(frame, int(t)): float(e) for t, e in zip(j, error)})
         return error
 
+    def rms_pm(self, keys: set[tuple[int, int]] | None = None) -> float | None:
+        errors = np.array([e for k, e in self.errors.items() if keys is None or k in keys])
+        return round(1000 * float(np.sqrt(np.mean(errors**2))), 2) if errors.size else None
+
     def summary(self) -> dict[str, Any]:
-        errors = np.concatenate(self.errors) if self.errors else np.zeros(0)
         return {"precision": round(self.matched / max(1, self.found), 4),
                 "recall": round(self.matched / max(1, self.truth), 4),
-                "rms_error_pm": round(1000 * float(np.sqrt(np.mean(errors**2))), 2) if errors.size else None,
-                "atoms_true": self.truth, "atoms_found": self.found}
+                "rms_error_pm": self.rms_pm(), "atoms_true": self.truth, "atoms_found": self.found}
 
 
 def evaluate_atoms(engine: Reconstructor, frames: int, samples: int, plan: str, size: int,
@@ -131,8 +138,8 @@ def evaluate_atoms(engine: Reconstructor, frames: int, samples: int, plan: str, 
             locmap = localization_map(engine, measured, mask, pixel, spacing, samples, rng)
             seconds.append(time.perf_counter() - started)
             backward = np.where(mask, frame.measurement.z[1], np.nan).astype(np.float32)
-            both = combine_traces(locmap.atoms, localization_map(engine, backward, mask, pixel, spacing, samples,
-                                                                 rng).atoms, radius)
+            both, _ = combine_traces(locmap.atoms, localization_map(engine, backward, mask, pixel, spacing, samples,
+                                                                    rng).atoms, spacing)
             candidates = {
                 "full": find_peaks(image, pixel, spacing).xy_nm,
                 "raw": sparse_peaks(image, mask, pixel, spacing, refine=False).xy_nm,
@@ -159,6 +166,12 @@ def evaluate_atoms(engine: Reconstructor, frames: int, samples: int, plan: str, 
         results[surface]["rms_reduction_vs_raw"] = {
             m: round(raw / methods[m]["rms_error_pm"], 2) if raw and methods[m]["rms_error_pm"] else None
             for m in ("locmap", "locmap_fb")}
+        reductions = {}
+        for m in ("locmap", "locmap_fb"):
+            common = set(tallies["raw"].errors) & set(tallies[m].errors)
+            ours, theirs = tallies[m].rms_pm(common), tallies["raw"].rms_pm(common)
+            reductions[m] = round(theirs / ours, 2) if ours and theirs else None
+        results[surface]["rms_reduction_vs_raw_same_atoms"] = reductions
         log.info("%s: %s", surface, results[surface])
     return results
 
@@ -199,9 +212,88 @@ def evaluate_lattices(engine: Reconstructor, frames: int, plan: str, size: int,
     }
 
 
+def evaluate_molecule_atoms(engine: Reconstructor, frames: int, samples: int, plan: str, size: int,
+                            rng: np.random.Generator) -> dict[str, Any]:
+    """Supramolecules among other molecules: for each detected one, the localized metal atoms
+    inside its box against the true ones (count, median nearest-neighbour spacing)."""
+    from stm_live.localize.molecules import MoleculeDetector
+
+    detector = MoleculeDetector()
+    found_atoms = true_atoms = 0
+    spacing_errors = []
+    for _ in range(frames):
+        frame = truth_frame("supramolecules", rng, size)
+        pixel = frame.topography.canvas.pixel_nm
+        truth = frame.topography.atoms_nm
+        mask = parse_plan(plan).mask(size, size)
+        measured = np.where(mask, frame.forward_z_nm, np.nan).astype(np.float32)
+        spacing = float(np.median(cKDTree(truth).query(truth, k=2)[0][:, 1]))
+        atoms = localization_map(engine, measured, mask, pixel, spacing, samples, rng).atoms
+        image = reconstruct_exact(engine, measured[None], mask[None]).images[0]
+        molecules = detector.detect(image, pixel)
+        for box, score in zip(molecules.boxes_nm, molecules.scores):
+            report = _molecule_report(box, score, atoms)
+            inside = truth[(truth[:, 0] >= box[0]) & (truth[:, 0] < box[2]) & (truth[:, 1] >= box[1])
+                           & (truth[:, 1] < box[3])]
+            found_atoms += report["atoms"]
+            true_atoms += len(inside)
+            if report["atom_spacing_nm"] is not None and len(inside) >= 2:
+                true_spacing = float(np.median(cKDTree(inside).query(inside, k=2)[0][:, 1]))
+                spacing_errors.append(abs(report["atom_spacing_nm"] - true_spacing) / true_spacing)
+    errors_pct = 100 * np.asarray(spacing_errors)
+    return {"frames": frames, "molecules": len(spacing_errors), "atoms_found": found_atoms, "atoms_true": true_atoms,
+            "spacing_error_pct": {"median": round(float(np.median(errors_pct)), 2),
+                                  "p90": round(float(np.percentile(errors_pct, 90)), 2)} if errors_pct.size else None}
+
+
+DRIFT_SURFACES = ("si111_7x7", "graphite", "au111", "molecular_layer", "si001_h")
+
+
+def evaluate_drift(engine: Reconstructor, sequences: int, plan: str, size: int,
+                   rng: np.random.Generator) -> dict[str, Any]:
+    """Pairs of successive frames of one area with random drift: the estimated content shift
+    against the true one (-v times the frame period), per surface. No creep and no calibration
+    error, so that the true shift is exactly the drift's; noise, feedback, hysteresis and line
+    misalignment as drawn for training."""
+    from stm_live.sim.frames import random_spec, simulate_sequence
+
+    from stm_live.localize.drift import frame_shift
+
+    results: dict[str, Any] = {}
+    for surface in DRIFT_SURFACES:
+        errors, shifts, missed = [], [], 0
+        for _ in range(sequences):
+            spec = random_spec(rng, size, surface=surface, scenario="good", steps=False)
+            spec = replace(spec, scan=replace(spec.scan, creep_nm=(0.0, 0.0), calibration=(1.0, 1.0, 0.0)))
+            mask = parse_plan(plan).mask(size, size)
+            images = [reconstruct_exact(engine, np.where(mask, frame.forward_z_nm, np.nan)[None].astype(np.float32),
+                                        mask[None]).images[0] for frame in simulate_sequence(spec, rng, 2)]
+            pixel = spec.frame_nm / size
+            truth = -np.asarray(spec.scan.drift_nm_per_s) * size * spec.scan.line_time_s
+            found = frame_shift(images[0], images[1], (spec.frame_nm, spec.frame_nm),
+                                dominant_spacing_nm(images[0], pixel))
+            shifts.append(np.hypot(*truth) / pixel)
+            if found is None:
+                missed += 1
+                continue
+            errors.append(np.hypot(*(np.asarray(found[0]) - truth)) / pixel)
+        error_px = np.asarray(errors)
+        results[surface] = {
+            "pairs": sequences, "no_estimate": missed,
+            "true_shift_px": {"median": round(float(np.median(shifts)), 2), "max": round(float(np.max(shifts)), 2)},
+            "error_px": {"median": round(float(np.median(error_px)), 3),
+                         "p90": round(float(np.percentile(error_px, 90)), 3),
+                         "max": round(float(error_px.max()), 3),
+                         "within_1px": round(float(np.mean(error_px <= 1.0)), 3)} if error_px.size else None,
+        }
+        log.info("drift %s: %s", surface, results[surface])
+    return results
+
+
 def evaluate(engine: Reconstructor, frames: int = 6, lattice_frames: int = 50, samples: int = 32,
              plan: str = "lines:4", size: int = 256, seed: int = 0, plot: str | None = None,
-             plot_surface: str = "si111_7x7", molecule_frames: int = 100) -> dict[str, Any]:
+             plot_surface: str = "si111_7x7", molecule_frames: int = 100, drift_pairs: int = 20,
+             molecule_atom_frames: int = 10) -> dict[str, Any]:
     from stm_live.localize.molecules import MoleculeDetector, evaluate_detector
 
     if plot:
@@ -212,6 +304,8 @@ def evaluate(engine: Reconstructor, frames: int = 6, lattice_frames: int = 50, s
             "machine": machine(),
             "atoms": evaluate_atoms(engine, frames, samples, plan, size, rng),
             "lattice": evaluate_lattices(engine, lattice_frames, plan, size, rng),
+            "drift": evaluate_drift(engine, drift_pairs, plan, size, rng),
+            "molecule_atoms": evaluate_molecule_atoms(engine, molecule_atom_frames, samples, plan, size, rng),
             "molecules": [evaluate_detector(detector, molecule_frames, seed + 20_000, p) for p in ("full", plan)]}
 
 
@@ -240,6 +334,16 @@ def plot_simulated(engine: Reconstructor, surface: str, path: str, samples: int 
               "engine": engine.name, "pixel_nm": pixel, "lattice": lattice,
               "molecules": [{"box_nm": box.tolist()} for box in molecules.boxes_nm]}
     plot_locate(report, locmap, image, mask, path, truth_nm=truth)
+
+
+def _molecule_report(box: np.ndarray, score: float, atoms: Atoms) -> dict[str, Any]:
+    """A detected molecule: its box, score, the localized atoms inside and their median
+    nearest-neighbour distance (the molecule's own atom spacing; None below two atoms)."""
+    inside = ((atoms.x_nm >= box[0]) & (atoms.x_nm < box[2]) & (atoms.y_nm >= box[1]) & (atoms.y_nm < box[3]))
+    xy = atoms.xy_nm[inside]
+    spacing = float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1])) if len(xy) >= 2 else None
+    return {"box_nm": [round(float(v), 3) for v in box], "score": round(float(score), 3), "atoms": int(inside.sum()),
+            "atom_spacing_nm": None if spacing is None else round(spacing, 4)}
 
 
 def locate_file(path: str | Path, engine: Reconstructor, plan: str = "full", spacing_nm: float | None = None,
@@ -273,9 +377,6 @@ def locate_file(path: str | Path, engine: Reconstructor, plan: str = "full", spa
         "atoms": [{"x_nm": round(float(x), 4), "y_nm": round(float(y), 4), "height": float(h),
                    "precision_nm": round(float(p), 5), "support": int(s)}
                   for x, y, h, p, s in zip(atoms.x_nm, atoms.y_nm, atoms.height, atoms.precision_nm, atoms.support)],
-        "molecules": [{"box_nm": [round(float(v), 3) for v in box], "score": round(float(score), 3),
-                       "atoms": int(np.sum((atoms.x_nm >= box[0]) & (atoms.x_nm < box[2])
-                                           & (atoms.y_nm >= box[1]) & (atoms.y_nm < box[3])))}
-                      for box, score in zip(molecules.boxes_nm, molecules.scores)],
+        "molecules": [_molecule_report(box, score, atoms) for box, score in zip(molecules.boxes_nm, molecules.scores)],
     }
     return report, locmap, image, mask

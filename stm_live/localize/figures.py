@@ -48,7 +48,7 @@ def plot_locate(report: dict[str, Any], locmap: LocalizationMap, image: np.ndarr
     axes[2].set_ylim(rows * pixel, 0)
     axes[2].legend(loc="lower right", fontsize=8)
     precision = np.median(atoms.precision_nm) * 1000 if len(atoms) else float("nan")
-    axes[2].set_title(f"localization map — INFERRED (median precision {precision:.1f} pm)")
+    axes[2].set_title(f"localization map — INFERRED\n(median precision {precision:.1f} pm)")
     for ax in axes:
         ax.set_xlabel("x (nm)")
         ax.set_ylabel("y (nm)")
