@@ -117,14 +117,17 @@ def bench_sim(frames: int = 2048, size_px: int = 256, workers: int = 2, shard_si
 
 
 def bench_infer(engine_name: str = "model", sizes: tuple[int, ...] = (128, 256, 512), repeats: int = 30,
-                threads: int = 2, backend: str = "auto") -> dict[str, Any]:
-    """Reconstruction latency of one frame at batch 1 through the engine (normalisation included)."""
+                threads: int = 2, backend: str = "auto", batches: tuple[int, ...] = (1, 8, 32),
+                throughput_s: float = 3.0) -> dict[str, Any]:
+    """Per frame size: latency of one frame at batch 1, and frames/s at each batch size (calls
+    repeated for about `throughput_s`, at least twice), through the engine (normalisation and
+    restoring measured pixels included)."""
 
     from stm_live.engines import create_engine, reconstruct_exact
     from stm_live.sim.dataset import make_frame
 
     engine = create_engine(engine_name, threads, backend)
-    results = {}
+    latency, throughput = {}, {}
     for size in sizes:
         frame = make_frame(5, 0, size, surface="si111_7x7").measurement.z[0].astype(np.float32)
         mask = np.zeros(frame.shape, bool)
@@ -138,11 +141,84 @@ def bench_infer(engine_name: str = "model", sizes: tuple[int, ...] = (128, 256, 
             reconstruct_exact(engine, measured, masks)
             times.append(time.perf_counter() - start)
         ms = np.array(times) * 1000
-        results[str(size)] = {"p50_ms": round(float(np.percentile(ms, 50)), 2),
+        latency[str(size)] = {"p50_ms": round(float(np.percentile(ms, 50)), 2),
                               "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+        throughput[str(size)] = {}
+        for batch in batches:
+            stacked, stacked_masks = np.repeat(measured, batch, axis=0), np.repeat(masks, batch, axis=0)
+            reconstruct_exact(engine, stacked, stacked_masks)
+            calls, start = 0, time.perf_counter()
+            while calls < 2 or time.perf_counter() - start < throughput_s:
+                reconstruct_exact(engine, stacked, stacked_masks)
+                calls += 1
+            throughput[str(size)][str(batch)] = round(calls * batch / (time.perf_counter() - start), 1)
     return {"benchmark": "infer", "machine": machine(), "engine": engine.name,
             "backend": getattr(engine, "backend", "-"), "threads": threads,
-            "plan": "lines:4", "batch": 1, "latency": results}
+            "plan": "lines:4", "latency_batch1": latency, "frames_per_s": throughput}
+
+
+def _scan_from_sim(endpoint: str, frames: int, size: int, plan: str, rate: float) -> None:
+    """Sender process: the simulator scanning `frames` frames at `rate` lines/s."""
+    from stm_live.sim.instrument import SimInstrument
+
+    sim = SimInstrument(endpoint, size=size, plan=plan, line_rate_hz=rate, seed=11)
+    sim.run(frames, wait_subscriber_s=30)
+    sim.close(linger_s=30)
+
+
+def bench_e2e(settings: Settings, engine: str = "model", frames: int = 2, size: int = 256, plan: str = "lines:4",
+              rate: float = 20.0, every_lines: int = 1, localize: bool = False,
+              timeout_s: float = 600.0) -> dict[str, Any]:
+    """Line arrival -> published updated frame, through the running daemon: the simulator (its
+    own process) scans at `rate` lines/s, the daemon reconstructs every `every_lines` lines,
+    and each reconstructed Frame's `latency_s` (the newest line's arrival to its publication) is
+    collected by a subscriber on the daemon's output."""
+    from stm_live.protocol import Decoder, Frame
+
+    endpoint, output = free_tcp_endpoint(), free_tcp_endpoint()
+    with tempfile.TemporaryDirectory(prefix="stm-live-bench-e2e-") as record:
+        cfg = settings.model_copy(deep=True)
+        cfg.daemon.input, cfg.daemon.output, cfg.daemon.record_dir = endpoint, output, record
+        cfg.daemon.engine, cfg.daemon.reconstruct_every_lines = engine, every_lines
+        cfg.localize.enabled = localize
+        context = zmq.Context()
+        daemon = Daemon(cfg, context)
+        thread = threading.Thread(target=daemon.run, name="bench-daemon")
+        thread.start()
+        daemon.wait_ready(30)
+        listener = context.socket(zmq.SUB)
+        listener.setsockopt(zmq.SUBSCRIBE, b"frame")
+        listener.connect(output)
+        sender = mp.get_context("spawn").Process(target=_scan_from_sim, args=(endpoint, frames, size, plan, rate))
+        sender.start()
+        decoder, latencies, finals = Decoder(), [], 0
+        deadline = time.monotonic() + timeout_s
+        while finals < 2 * frames and time.monotonic() < deadline:
+            if not listener.poll(1000):
+                if not sender.is_alive() and _idle_for(daemon, 5.0):
+                    break
+                continue
+            msg = decoder.decode(listener.recv_multipart(copy=False))
+            if isinstance(msg, Frame) and msg.kind == "reconstructed" and msg.channel == "Z":
+                latencies.append(msg.latency_s)
+                finals += msg.final
+        sender.join(60)
+        counters = daemon.scheduler.all_counters()
+        daemon.stop()
+        thread.join(60)
+        listener.close(0)
+        context.term()
+    ms = np.asarray(latencies) * 1000
+    return {
+        "benchmark": "e2e", "machine": machine(), "engine": engine, "backend": daemon.scheduler.engine.backend
+        if daemon.scheduler.engine else "-", "frames": frames, "size": size, "plan": plan, "line_rate_hz": rate,
+        "reconstruct_every_lines": every_lines, "localization": localize,
+        "latency_ms": {"p50": round(float(np.percentile(ms, 50)), 2), "p99": round(float(np.percentile(ms, 99)), 2),
+                       "n": int(ms.size)} if ms.size else {},
+        "batches": counters["batches"], "frames_per_batch": round(counters["batched_frames"] / counters["batches"], 2)
+        if counters["batches"] else None,
+        "jobs_superseded": counters["jobs_superseded"],
+    }
 
 
 def bench_tip(cols: int = 512, rows: int = 512, hop: int = 2, threads: int = 1) -> dict[str, Any]:

@@ -313,6 +313,14 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_e2e(args: argparse.Namespace) -> int:
+    from stm_live.bench import bench_e2e
+
+    _print_json(bench_e2e(_settings(args, {}), args.engine, args.frames, args.size, args.plan, args.rate,
+                          args.every, args.localize), args.json)
+    return 0
+
+
 def cmd_bench_tip(args: argparse.Namespace) -> int:
     from stm_live.bench import bench_tip
 
@@ -525,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--json", help="write the result here too")
     b.set_defaults(func=cmd_bench_sim)
-    b = bench.add_parser("infer", help="reconstruction latency per frame at batch 1")
+    b = bench.add_parser("infer", help="reconstruction latency per frame at batch 1, frames/s at batch 1, 8, 32")
     b.add_argument("--engine", default="model")
     b.add_argument("--backend", default="auto", help="for the model: auto, torch-cuda, onnxruntime, torch-cpu")
     b.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
@@ -533,6 +541,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--json", help="write the result here too")
     b.set_defaults(func=cmd_bench_infer)
+
+    b = bench.add_parser("e2e", help="line arrival -> published frame through the daemon, simulator at a line rate")
+    b.add_argument("--engine", default="model")
+    b.add_argument("--frames", type=int, default=2)
+    b.add_argument("--size", type=int, default=256)
+    b.add_argument("--plan", default="lines:4")
+    b.add_argument("--rate", type=float, default=20.0, help="lines/s the simulator scans at (0 = simulated line time)")
+    b.add_argument("--every", type=int, default=1, help="reconstruct every N lines (daemon.reconstruct_every_lines)")
+    b.add_argument("--localize", action="store_true", help="with the localization thread on")
+    b.add_argument("--json", help="write the result here too")
+    b.set_defaults(func=cmd_bench_e2e)
 
     b = bench.add_parser("tip", help="tip monitor cost per line (features every row, classifier every hop rows)")
     b.add_argument("--cols", type=int, default=512)

@@ -50,6 +50,11 @@ class DaemonSettings(_Section):
     engine_timeout_s: float = Field(10.0, gt=0, description="deadline per frame of a batch before the batch goes to "
                                                             "the fallback engine")
     reconstruct_every_lines: int = Field(16, ge=0, description="progressive reconstruction cadence; 0 = at scan end only")
+    batch_max_frames: int = Field(32, ge=1, le=1024, description="frames per engine call at most (micro-batching)")
+    batch_max_delay_us: int = Field(200, ge=0, le=1_000_000, description="when several frames wait but fewer than a "
+                                    "full batch, wait this long for more; a lone frame never waits")
+    batch_bucket_px: int = Field(64, ge=0, le=4096, description="frame sides are padded up to a multiple of this "
+                                 "before the engine (few shapes for compiled engines); 0 = exact sizes")
     heartbeat_interval_s: float = Field(1.0, gt=0)
     status_interval_s: float = Field(1.0, gt=0)
     max_active_scans: int = Field(64, ge=1, description="open scans kept; beyond this the least recently fed is aborted")

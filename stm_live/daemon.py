@@ -18,6 +18,7 @@ import time
 import zmq
 
 from stm_live.assembly import AssemblyError, DirectionFrames, FrameAssembler, ScanState
+from stm_live.batcher import BatchPolicy
 from stm_live.config import Settings
 from stm_live.engines import create_chain
 from stm_live.export import ExportProcess, interrupted_scans
@@ -73,7 +74,8 @@ class Daemon:
         self.exporter: ExportProcess | None = None
         engines = create_chain(cfg.engine, cfg.engine_fallback, cfg.engine_timeout_s, cfg.engine_threads,
                                cfg.engine_backend)
-        self.scheduler = ReconstructionScheduler(engines, self._send_from_worker)
+        policy = BatchPolicy(cfg.batch_max_frames, cfg.batch_max_delay_us, cfg.batch_bucket_px)
+        self.scheduler = ReconstructionScheduler(engines, self._send_from_worker, policy)
         self.localize = None
         if settings.localize.enabled:
             localize_engines = create_chain("classical" if cfg.engine == "none" else cfg.engine, cfg.engine_fallback,

@@ -3,8 +3,11 @@
 Ingest must never wait for reconstruction. The scheduler keeps at most one pending job per
 (scan, channel, direction): a newer progressive snapshot replaces an older one that has not
 started yet (the newer one has every line the older had), and a final snapshot is never
-replaced. A single worker thread takes everything pending, groups equal shapes into one batch
-per engine call, and hands each result to a sink as a `Frame` message (raw and reconstructed).
+replaced. A single worker thread takes everything pending and runs it in micro-batches
+(`batcher`: up to `max_batch` frames of one bucketed size per engine call, oldest first), then
+hands each result to a sink as a `Frame` message (raw and reconstructed). When it wakes to find
+several frames waiting but fewer than a full batch, it waits up to `max_delay_us` for more; a
+frame that arrives alone runs at once.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stm_live.assembly import DirectionFrames, ScanState
+from stm_live.batcher import BatchPolicy, plan_batches, reconstruct_batch
 from stm_live.engines import EngineChain
 from stm_live.metrics import LatencyWindow
 from stm_live.protocol import Frame
@@ -49,11 +53,14 @@ class FrameJob:
 class ReconstructionScheduler:
     """Pending jobs plus the worker thread that runs them."""
 
-    def __init__(self, engine: EngineChain | None, sink: Callable[[Frame], None]) -> None:
+    def __init__(self, engine: EngineChain | None, sink: Callable[[Frame], None],
+                 policy: BatchPolicy = BatchPolicy()) -> None:
         self.engine = engine
         self.sink = sink
+        self.policy = policy
         self.latency = LatencyWindow()
-        self.counters = {"frames_published": 0, "jobs_superseded": 0, "reconstructions_failed": 0}
+        self.counters = {"frames_published": 0, "jobs_superseded": 0, "reconstructions_failed": 0,
+                         "batches": 0, "batched_frames": 0, "padded_frames": 0}
         self._pending: OrderedDict[JobKey, FrameJob] = OrderedDict()
         self._cond = threading.Condition()
         self._closing = False
@@ -79,6 +86,10 @@ class ReconstructionScheduler:
                      frames.last_line_time, image.copy(), mask)
             for info, image in zip(state.start.channels, frames.images)
         ]
+        self.submit(jobs)
+
+    def submit(self, jobs: list[FrameJob]) -> None:
+        """Queue snapshots; a newer one of the same (scan, channel, direction) replaces a waiting one."""
         with self._cond:
             for job in jobs:
                 old = self._pending.get(job.key)
@@ -106,6 +117,12 @@ class ReconstructionScheduler:
         with self._cond:
             while not self._pending and not self._closing:
                 self._cond.wait()
+            waited_until = time.perf_counter() + self.policy.max_delay_us * 1e-6
+            while 1 < len(self._pending) < self.policy.max_batch and not self._closing:
+                remaining = waited_until - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
             jobs = list(self._pending.values())
             self._pending.clear()
             return jobs
@@ -115,25 +132,24 @@ class ReconstructionScheduler:
             jobs = self._take()
             if not jobs:
                 return
-            groups: dict[tuple, list[FrameJob]] = {}
-            for job in jobs:
-                groups.setdefault((job.image.shape, job.image.dtype.str), []).append(job)
-            for group in groups.values():
-                self._process(group)
+            for batch in plan_batches(jobs, self.policy):
+                self._process(batch)
 
     def _process(self, jobs: list[FrameJob]) -> None:
         result = None
         if self.engine is not None:
+            self.counters["batches"] += 1
+            self.counters["batched_frames"] += len(jobs)
+            self.counters["padded_frames"] += sum(self.policy.bucket(j.image.shape) != j.image.shape for j in jobs)
             try:
-                result = self.engine.reconstruct(np.stack([j.image for j in jobs]), np.stack([j.mask for j in jobs]))
+                result = reconstruct_batch(self.engine, jobs, self.policy)
             except Exception:
                 self.counters["reconstructions_failed"] += 1
                 log.exception("no engine reconstructed %d frame(s); publishing raw frames only", len(jobs))
         for i, job in enumerate(jobs):
             self._emit(job, "raw", "measured", job.image, None)
             if result is not None:
-                self._emit(job, "reconstructed", result.method, result.images[i],
-                           None if result.uncertainty is None else result.uncertainty[i])
+                self._emit(job, "reconstructed", result.method, result.images[i], result.uncertainty[i])
 
     def _emit(self, job: FrameJob, kind: str, method: str, image: np.ndarray,
               uncertainty: np.ndarray | None) -> None:

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from stm_live.bench import bench_ingest
+from stm_live.bench import bench_e2e, bench_infer, bench_ingest
 from stm_live.config import Settings
 from stm_live.demo import free_tcp_endpoint
 
@@ -55,6 +55,14 @@ def test_bench_ingest_counts_every_line():
     result = bench_ingest(Settings(), lines=4000, cols=128, channels=2)
     assert result["dropped"] == 0 and result["lines_received"] == 4000
     assert result["lines_per_s"] > 0 and result["machine"]["cores"] >= 1
+
+
+def test_bench_infer_and_e2e_report_latency_and_throughput():
+    infer = bench_infer("classical", sizes=(64,), repeats=3, batches=(1, 4), throughput_s=0.05)
+    assert infer["latency_batch1"]["64"]["p50_ms"] > 0 and set(infer["frames_per_s"]["64"]) == {"1", "4"}
+    e2e = bench_e2e(Settings(), engine="classical", frames=1, size=64, rate=400.0)
+    assert e2e["latency_ms"]["n"] >= 8 and e2e["latency_ms"]["p50"] > 0
+    assert e2e["batches"] >= 1 and e2e["frames_per_batch"] >= 1
 
 
 def test_config_errors_are_reported_not_raised(tmp_path):
