@@ -14,26 +14,29 @@ from collections.abc import Callable
 from stm_live.engines.base import EngineError, Reconstructor
 from stm_live.engines.chain import EngineChain
 from stm_live.engines.classical import ClassicalReconstructor
+from stm_live.engines.runners import RunnerOptions
 
 log = logging.getLogger(__name__)
 
 
-def _model(threads: int | None, backend: str) -> Reconstructor:
+def _model(options: RunnerOptions, backend: str) -> Reconstructor:
     from stm_live.engines.torch_model import ModelReconstructor
 
-    return ModelReconstructor(backend=backend, threads=threads)
+    return ModelReconstructor(backend=backend, options=options)
 
 
-ENGINES: dict[str, Callable[[int | None, str], Reconstructor]] = {
+ENGINES: dict[str, Callable[[RunnerOptions, str], Reconstructor]] = {
     "model": _model,
-    "classical": lambda threads, backend: ClassicalReconstructor(),
-    "linear": lambda threads, backend: ClassicalReconstructor("linear"),
-    "biharmonic": lambda threads, backend: ClassicalReconstructor("biharmonic"),
+    "classical": lambda options, backend: ClassicalReconstructor(),
+    "linear": lambda options, backend: ClassicalReconstructor("linear"),
+    "biharmonic": lambda options, backend: ClassicalReconstructor("biharmonic"),
 }
 
 
-def create_engine(name: str, threads: int | None = None, backend: str = "auto") -> Reconstructor | None:
-    """Build the named engine; `threads` and `backend` apply to the learned one. 'none' = raw frames only."""
+def create_engine(name: str, threads: int | None = None, backend: str = "auto",
+                  options: RunnerOptions | None = None) -> Reconstructor | None:
+    """Build the named engine; `threads`, `backend` and `options` (which override `threads`)
+    apply to the learned one. 'none' = raw frames only."""
     if name == "none":
         return None
     try:
@@ -41,7 +44,7 @@ def create_engine(name: str, threads: int | None = None, backend: str = "auto") 
     except KeyError:
         raise EngineError(f"unknown engine {name!r}; available: none, {', '.join(ENGINES)}") from None
     try:
-        return factory(threads, backend)
+        return factory(options or RunnerOptions(threads=threads), backend)
     except Exception as exc:
         if name == "classical":
             raise
@@ -50,13 +53,13 @@ def create_engine(name: str, threads: int | None = None, backend: str = "auto") 
 
 
 def create_chain(name: str, fallback: str, timeout_s: float, threads: int | None = None,
-                 backend: str = "auto") -> EngineChain | None:
+                 backend: str = "auto", options: RunnerOptions | None = None) -> EngineChain | None:
     """The daemon's engines: `name`, then `fallback` when `name` raises or exceeds `timeout_s` per
     frame. None when `name` is 'none'; a fallback of 'none' (or equal to `name`) adds nothing."""
-    first = create_engine(name, threads, backend)
+    first = create_engine(name, threads, backend, options)
     if first is None:
         return None
     engines = [first]
     if fallback not in ("none", name):
-        engines.append(create_engine(fallback, threads, backend))
+        engines.append(create_engine(fallback, threads, backend, options))
     return EngineChain(engines, timeout_s)

@@ -1,18 +1,21 @@
 """Inference backends for the learned model: one runner interface, several implementations.
 
 A runner has a life cycle (activate, infer, deactivate) and maps a (B, 2, H, W) float32 batch to
-the network's (B, 2, H, W) output. `auto` takes the first that loads from AUTO_ORDER: PyTorch on
-CUDA where a GPU is present, else ONNX Runtime (measured on the 2-core development machine at
-256x256: 23.5 ms against PyTorch's 32.8 ms at batch 1, 92 against 175 ms at batch 4), else PyTorch
-on the CPU. TensorRT is not implemented yet; `stm-live engines` says so.
+the network's (B, 2, H, W) output. `auto` takes the first that loads from AUTO_ORDER: TensorRT
+where it is installed with a GPU, else PyTorch on CUDA, else ONNX Runtime (measured on the 2-core
+development machine at 256x256: 23.5 ms against PyTorch's 32.8 ms at batch 1, 92 against 175 ms
+at batch 4), else PyTorch on the CPU. The TensorRT and CUDA paths have not yet run on a GPU in
+this project: their parity tests (tests/test_engine_parity.py) run wherever they load.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import tempfile
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +25,31 @@ from stm_live.models.weights import DEFAULT_WEIGHTS, load_model
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How a runner runs the model: CPU threads; on CUDA backends half precision and (PyTorch)
+    CUDA-graph capture; TensorRT's optimization profile (min, opt, max of batch and frame side)
+    and where built engines and timing caches are kept."""
+
+    threads: int | None = None
+    half: bool = False
+    cuda_graphs: bool = True
+    trt_batch: tuple[int, int, int] = (1, 8, 32)
+    trt_size_px: tuple[int, int, int] = (32, 256, 1024)
+    cache_dir: str = "~/.cache/stm-live"
+
+    @property
+    def cache(self) -> Path:
+        path = Path(self.cache_dir).expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
 class Runner(ABC):
     name = "abstract"
 
-    def __init__(self, weights: Path = DEFAULT_WEIGHTS, threads: int | None = None) -> None:
-        self.weights, self.threads = Path(weights), threads
+    def __init__(self, weights: Path = DEFAULT_WEIGHTS, options: RunnerOptions = RunnerOptions()) -> None:
+        self.weights, self.options = Path(weights), options
 
     @abstractmethod
     def activate(self) -> None: ...
@@ -39,30 +62,74 @@ class Runner(ABC):
 
 
 class TorchRunner(Runner):
-    def __init__(self, weights: Path = DEFAULT_WEIGHTS, threads: int | None = None, device: str = "cpu") -> None:
-        super().__init__(weights, threads)
+    """PyTorch on the CPU, or on CUDA in fp32 or fp16; on CUDA each (batch, height, width) shape
+    is captured once as a CUDA graph and replayed (one launch per call instead of one per layer)."""
+
+    def __init__(self, weights: Path = DEFAULT_WEIGHTS, options: RunnerOptions = RunnerOptions(),
+                 device: str = "cpu") -> None:
+        super().__init__(weights, options)
         self.device = device
-        self.name = f"torch-{device}"
+        self.half = options.half and device == "cuda"
+        self.name = f"torch-{device}" + ("-fp16" if self.half else "")
         self.model = None
+        self._graphs: dict[tuple[int, ...], tuple] = {}
 
     def activate(self) -> None:
         import torch
 
         if self.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("no CUDA device")
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        self.model, _ = load_model(self.weights)
-        self.model.to(self.device)
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
+        model, _ = load_model(self.weights)
+        self.model = model.to(self.device, torch.float16 if self.half else torch.float32)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
+        dtype = torch.float16 if self.half else torch.float32
         with torch.inference_mode():
-            return self.model(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+            if self.device != "cuda" or not self.options.cuda_graphs:
+                return self.model(torch.from_numpy(batch).to(self.device, dtype)).float().cpu().numpy()
+            graph, static_in, static_out = self._graph(batch.shape, dtype)
+            static_in.copy_(torch.from_numpy(batch))
+            graph.replay()
+            return static_out.float().cpu().numpy()
+
+    def _graph(self, shape: tuple[int, ...], dtype) -> tuple:
+        """The captured graph of one input shape, with its static input and output tensors."""
+        import torch
+
+        if shape not in self._graphs:
+            static_in = torch.zeros(shape, device="cuda", dtype=dtype)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.model(static_in)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.model(static_in)
+            self._graphs[shape] = (graph, static_in, static_out)
+        return self._graphs[shape]
 
     def deactivate(self) -> None:
         self.model = None
+        self._graphs.clear()
+
+
+def _onnx_path(weights: Path, half: bool = False) -> Path:
+    """The model's ONNX export (dynamic batch and size), kept next to other exports by content hash."""
+    from stm_live.engines.torch_model import export_onnx
+
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"stm-live-masked-unet-{digest}{'-fp16' if half else ''}.onnx"
+    if not path.exists():
+        partial = path.with_suffix(".partial")
+        export_onnx(str(partial), weights, half=half)
+        partial.replace(path)
+    return path
 
 
 class OnnxRuntimeRunner(Runner):
@@ -71,21 +138,13 @@ class OnnxRuntimeRunner(Runner):
     def activate(self) -> None:
         import onnxruntime
 
-        from stm_live.engines.torch_model import export_onnx
-
-        digest = hashlib.sha256(self.weights.read_bytes()).hexdigest()[:16]
-        path = Path(tempfile.gettempdir()) / f"stm-live-masked-unet-{digest}.onnx"
-        if not path.exists():
-            partial = path.with_suffix(".partial")
-            export_onnx(str(partial), self.weights)
-            partial.replace(path)
         options = onnxruntime.SessionOptions()
-        if self.threads:
-            options.intra_op_num_threads = self.threads
+        if self.options.threads:
+            options.intra_op_num_threads = self.options.threads
         options.inter_op_num_threads = 1
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                      if p in onnxruntime.get_available_providers()]
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        self.session = onnxruntime.InferenceSession(str(_onnx_path(self.weights)), options, providers=providers)
         self.name = f"onnxruntime-{self.session.get_providers()[0].removesuffix('ExecutionProvider').lower()}"
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
@@ -95,12 +154,107 @@ class OnnxRuntimeRunner(Runner):
         self.session = None
 
 
+class TensorRTRunner(Runner):
+    """TensorRT engine built from the ONNX export, with one optimization profile over batch and
+    frame side (`RunnerOptions.trt_batch`, `trt_size_px`: min, opt, max). Half precision comes
+    from an fp16 ONNX export built as a strongly typed network (the builder's FP16 flag is
+    deprecated from TensorRT 10.12). Built engines are cached under `cache_dir`, keyed by model
+    hash, precision, profile, TensorRT version and GPU name; the timing cache is kept beside them
+    so a rebuild (new profile, new version) reuses the layer timings. Inference uses the
+    tensor-address API on a PyTorch-owned CUDA stream and buffers; shapes and addresses are set
+    again only when the batch shape changes."""
+
+    def __init__(self, weights: Path = DEFAULT_WEIGHTS, options: RunnerOptions = RunnerOptions()) -> None:
+        super().__init__(weights, options)
+        self.name = "tensorrt" + ("-fp16" if options.half else "")
+        self._shape: tuple[int, ...] | None = None
+
+    def activate(self) -> None:
+        import tensorrt as trt
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device")
+        self.trt, self.torch = trt, torch
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        (b_min, b_opt, b_max), (s_min, s_opt, s_max) = self.options.trt_batch, self.options.trt_size_px
+        self.profile = ((b_min, 2, s_min, s_min), (b_opt, 2, s_opt, s_opt), (b_max, 2, s_max, s_max))
+        digest = hashlib.sha256(self.weights.read_bytes()).hexdigest()[:16]
+        gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name())
+        shape_key = "-".join("x".join(map(str, dims)) for dims in self.profile)
+        plan = self.options.cache / (f"masked-unet-{digest}-{'fp16' if self.options.half else 'fp32'}-{shape_key}"
+                                     f"-trt{trt.__version__}-{gpu}.plan")
+        if not plan.exists():
+            self._build(plan, self.options.cache / f"timing-trt{trt.__version__}-{gpu}.cache")
+        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(plan.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"TensorRT could not load {plan}")
+        self.context = self.engine.create_execution_context()
+        self.dtype = torch.float16 if self.options.half else torch.float32
+        self.stream = torch.cuda.Stream()
+
+    def _build(self, plan: Path, timing_path: Path) -> None:
+        trt = self.trt
+        builder = trt.Builder(self.logger)
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if self.options.half else 0
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse(_onnx_path(self.weights, self.options.half).read_bytes()):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RuntimeError(f"TensorRT could not parse the ONNX model: {errors}")
+        config = builder.create_builder_config()
+        timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.exists() else b"")
+        config.set_timing_cache(timing, ignore_mismatch=False)
+        profile = builder.create_optimization_profile()
+        profile.set_shape("input", *self.profile)
+        config.add_optimization_profile(profile)
+        log.info("building a TensorRT engine for %s (profile %s); this takes a while once", plan.name, self.profile)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise RuntimeError("TensorRT failed to build the engine")
+        partial = plan.with_suffix(".partial")
+        partial.write_bytes(bytes(serialized))
+        partial.replace(plan)
+        timing_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Batches beyond the profile's largest run in chunks; frame sides beyond it are an error
+        (the model then moves on to the next backend): the profile must cover the frames."""
+        largest = self.profile[2][0]
+        if len(batch) > largest:
+            return np.concatenate([self.infer(batch[i:i + largest]) for i in range(0, len(batch), largest)])
+        torch = self.torch
+        shape = tuple(batch.shape)
+        low, high = self.profile[0], self.profile[2]
+        if any(not lo <= n <= hi for n, lo, hi in zip(shape, low, high)):
+            raise RuntimeError(f"batch {shape} is outside the TensorRT profile {low} .. {high}")
+        if shape != self._shape:
+            self.context.set_input_shape("input", shape)
+            self._input = torch.empty(shape, device="cuda", dtype=self.dtype)
+            self._output = torch.empty(tuple(self.context.get_tensor_shape("output")), device="cuda", dtype=self.dtype)
+            self.context.set_tensor_address("input", self._input.data_ptr())
+            self.context.set_tensor_address("output", self._output.data_ptr())
+            self._shape = shape
+        with torch.cuda.stream(self.stream):
+            self._input.copy_(torch.from_numpy(batch), non_blocking=False)
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execution failed")
+            result = self._output.float().cpu()
+        self.stream.synchronize()
+        return result.numpy()
+
+    def deactivate(self) -> None:
+        self.context = self.engine = None
+        self._shape = None
+
+
 BACKENDS = {
-    "torch-cuda": lambda w, t: TorchRunner(w, t, "cuda"),
-    "onnxruntime": lambda w, t: OnnxRuntimeRunner(w, t),
-    "torch-cpu": lambda w, t: TorchRunner(w, t, "cpu"),
+    "tensorrt": TensorRTRunner,
+    "torch-cuda": lambda w, o: TorchRunner(w, o, "cuda"),
+    "onnxruntime": OnnxRuntimeRunner,
+    "torch-cpu": lambda w, o: TorchRunner(w, o, "cpu"),
 }
-AUTO_ORDER = ("torch-cuda", "onnxruntime", "torch-cpu")
+AUTO_ORDER = ("tensorrt", "torch-cuda", "onnxruntime", "torch-cpu")
 
 
 def backend_chain(name: str) -> tuple[str, ...]:
@@ -112,22 +266,15 @@ def backend_chain(name: str) -> tuple[str, ...]:
     return (name, *[b for b in AUTO_ORDER if b != name])
 
 
-def describe_backends() -> list[dict]:
+def describe_backends(options: RunnerOptions = RunnerOptions()) -> list[dict]:
     """What `stm-live engines` prints: each backend, whether it loads here, and why not."""
     rows = []
     for name, make in BACKENDS.items():
         try:
-            runner = make(DEFAULT_WEIGHTS, None)
+            runner = make(DEFAULT_WEIGHTS, options)
             runner.activate()
             runner.deactivate()
             rows.append({"backend": name, "available": True, "detail": runner.name})
         except Exception as exc:
             rows.append({"backend": name, "available": False, "detail": f"{type(exc).__name__}: {exc}"})
-    try:
-        import tensorrt  # noqa: F401
-
-        detail = "tensorrt imports, but the TensorRT backend is not implemented yet"
-    except ImportError as exc:
-        detail = f"not installed ({exc})"
-    rows.append({"backend": "tensorrt", "available": False, "detail": detail})
     return rows

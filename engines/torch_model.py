@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from stm_live.engines.base import EngineError, Reconstruction, Reconstructor, inferable_rows
-from stm_live.engines.runners import BACKENDS, Runner, backend_chain
+from stm_live.engines.runners import BACKENDS, Runner, RunnerOptions, backend_chain
 from stm_live.models.architecture import MIN_SIZE, SIZE_MULTIPLE
 from stm_live.models.normalize import fit_transform, network_input
 from stm_live.models.weights import DEFAULT_WEIGHTS, load_model
@@ -35,15 +35,17 @@ log = logging.getLogger(__name__)
 class ModelReconstructor(Reconstructor):
     name = "masked-unet"
 
-    def __init__(self, weights: Path = DEFAULT_WEIGHTS, backend: str = "auto", threads: int | None = None) -> None:
-        self.weights, self.threads = Path(weights), threads
+    def __init__(self, weights: Path = DEFAULT_WEIGHTS, backend: str = "auto", threads: int | None = None,
+                 options: RunnerOptions | None = None) -> None:
+        self.weights = Path(weights)
+        self.options = options or RunnerOptions(threads=threads)
         self.chain = list(backend_chain(backend))
         self.runner: Runner | None = None
         self._next_runner()
 
     def _next_runner(self) -> None:
         while self.chain:
-            candidate = BACKENDS[self.chain.pop(0)](self.weights, self.threads)
+            candidate = BACKENDS[self.chain.pop(0)](self.weights, self.options)
             try:
                 candidate.activate()
             except Exception as exc:
@@ -88,10 +90,15 @@ class ModelReconstructor(Reconstructor):
         return Reconstruction(images, uncertainty)
 
 
-def export_onnx(path: str, weights: Path = DEFAULT_WEIGHTS, opset: int = 17) -> None:
-    """ONNX with dynamic batch, height and width (multiples of the size multiple)."""
+def export_onnx(path: str, weights: Path = DEFAULT_WEIGHTS, opset: int = 17, half: bool = False) -> None:
+    """ONNX with dynamic batch, height and width (multiples of the size multiple); `half` exports
+    fp16 weights and input/output (traced on the GPU, which half convolutions need)."""
     model, _ = load_model(weights)
     example = torch.zeros(1, 2, 64, 64)
+    if half:
+        if not torch.cuda.is_available():
+            raise EngineError("an fp16 ONNX export is traced on a CUDA device; none is present")
+        model, example = model.to("cuda", torch.float16), example.to("cuda", torch.float16)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
         torch.onnx.export(model, example, path, input_names=["input"], output_names=["output"], opset_version=opset,

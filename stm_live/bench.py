@@ -118,15 +118,16 @@ def bench_sim(frames: int = 2048, size_px: int = 256, workers: int = 2, shard_si
 
 def bench_infer(engine_name: str = "model", sizes: tuple[int, ...] = (128, 256, 512), repeats: int = 30,
                 threads: int = 2, backend: str = "auto", batches: tuple[int, ...] = (1, 8, 32),
-                throughput_s: float = 3.0) -> dict[str, Any]:
+                throughput_s: float = 3.0, half: bool = False) -> dict[str, Any]:
     """Per frame size: latency of one frame at batch 1, and frames/s at each batch size (calls
     repeated for about `throughput_s`, at least twice), through the engine (normalisation and
     restoring measured pixels included)."""
 
     from stm_live.engines import create_engine, reconstruct_exact
+    from stm_live.engines.runners import RunnerOptions
     from stm_live.sim.dataset import make_frame
 
-    engine = create_engine(engine_name, threads, backend)
+    engine = create_engine(engine_name, threads, backend, RunnerOptions(threads=threads, half=half))
     latency, throughput = {}, {}
     for size in sizes:
         frame = make_frame(5, 0, size, surface="si111_7x7").measurement.z[0].astype(np.float32)
@@ -153,7 +154,7 @@ def bench_infer(engine_name: str = "model", sizes: tuple[int, ...] = (128, 256, 
                 calls += 1
             throughput[str(size)][str(batch)] = round(calls * batch / (time.perf_counter() - start), 1)
     return {"benchmark": "infer", "machine": machine(), "engine": engine.name,
-            "backend": getattr(engine, "backend", "-"), "threads": threads,
+            "backend": getattr(engine, "backend", "-"), "threads": threads, "half": half,
             "plan": "lines:4", "latency_batch1": latency, "frames_per_s": throughput}
 
 

@@ -309,7 +309,8 @@ def cmd_bench_sim(args: argparse.Namespace) -> int:
 def cmd_bench_infer(args: argparse.Namespace) -> int:
     from stm_live.bench import bench_infer
 
-    _print_json(bench_infer(args.engine, tuple(args.sizes), args.repeats, args.threads, args.backend), args.json)
+    _print_json(bench_infer(args.engine, tuple(args.sizes), args.repeats, args.threads, args.backend,
+                            half=args.half), args.json)
     return 0
 
 
@@ -355,7 +356,7 @@ def cmd_bench_soak(args: argparse.Namespace) -> int:
 def cmd_engines(args: argparse.Namespace) -> int:
     from stm_live.engines.runners import describe_backends
 
-    for row in describe_backends():
+    for row in describe_backends(_settings(args, {}).daemon.runner_options()):
         print(f"{row['backend']:<12} {'yes' if row['available'] else 'no ':<4} {row['detail']}")
     return 0
 
@@ -535,7 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench_sim)
     b = bench.add_parser("infer", help="reconstruction latency per frame at batch 1, frames/s at batch 1, 8, 32")
     b.add_argument("--engine", default="model")
-    b.add_argument("--backend", default="auto", help="for the model: auto, torch-cuda, onnxruntime, torch-cpu")
+    b.add_argument("--backend", default="auto",
+                   help="for the model: auto, tensorrt, torch-cuda, onnxruntime, torch-cpu")
+    b.add_argument("--half", action="store_true", help="half precision on CUDA backends")
     b.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
     b.add_argument("--repeats", type=int, default=30)
     b.add_argument("--threads", type=int, default=2)

@@ -11,11 +11,14 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stm_live.plans import parse_plan
+
+if TYPE_CHECKING:
+    from stm_live.engines.runners import RunnerOptions
 
 ENV_PREFIX = "STM_LIVE_"
 ENV_CONFIG_FILE = "STM_LIVE_CONFIG"
@@ -43,8 +46,16 @@ class DaemonSettings(_Section):
     record_dir: str = Field("recordings", description="directory for raw-line journals and per-scan HDF5 files")
     export_hdf5: bool = Field(True, description="write <uid>.h5 from each finished scan's journal")
     engine: str = Field("classical", description="classical, model, linear, biharmonic; 'none' publishes raw frames only")
-    engine_backend: str = Field("auto", description="for the model: auto, torch-cuda, onnxruntime or torch-cpu")
+    engine_backend: str = Field("auto", description="for the model: auto, tensorrt, torch-cuda, onnxruntime or torch-cpu")
     engine_threads: int = Field(1, ge=1, description="CPU threads a learned engine may use (ingest keeps the rest)")
+    engine_half: bool = Field(False, description="half precision on CUDA backends (tensorrt, torch-cuda)")
+    engine_cuda_graphs: bool = Field(True, description="torch-cuda: capture each batch shape as a CUDA graph")
+    tensorrt_batch: list[int] = Field([1, 8, 32], min_length=3, max_length=3,
+                                      description="TensorRT profile: min, opt, max batch")
+    tensorrt_size_px: list[int] = Field([32, 256, 1024], min_length=3, max_length=3,
+                                        description="TensorRT profile: min, opt, max frame side (frames beyond it "
+                                                    "use the next backend)")
+    engine_cache_dir: str = Field("~/.cache/stm-live", description="built TensorRT engines and timing caches")
     engine_fallback: str = Field("classical", description="engine that takes a batch the first one failed or timed "
                                                           "out on; 'none' publishes those frames raw only")
     engine_timeout_s: float = Field(10.0, gt=0, description="deadline per frame of a batch before the batch goes to "
@@ -61,6 +72,20 @@ class DaemonSettings(_Section):
     drain_max_messages: int = Field(2000, ge=1, description="messages handled per wake-up before housekeeping")
     scan_timeout_s: float = Field(120.0, gt=0, description="an open scan that receives no line for this long (its "
                                                            "instrument stopped or died) is closed as aborted")
+
+
+    @field_validator("tensorrt_batch", "tensorrt_size_px")
+    @classmethod
+    def _ordered_profile(cls, value: list[int]) -> list[int]:
+        if not 1 <= value[0] <= value[1] <= value[2]:
+            raise ValueError(f"expected 1 <= min <= opt <= max, got {list(value)}")
+        return value
+
+    def runner_options(self) -> RunnerOptions:
+        from stm_live.engines.runners import RunnerOptions
+
+        return RunnerOptions(self.engine_threads, self.engine_half, self.engine_cuda_graphs, tuple(self.tensorrt_batch),
+                             tuple(self.tensorrt_size_px), self.engine_cache_dir)
 
 
 class LocalizeSettings(_Section):

@@ -73,13 +73,14 @@ class Daemon:
         self.recorder = Recorder(cfg.record_dir, max_open=cfg.max_active_scans) if cfg.record_dir else None
         self.exporter: ExportProcess | None = None
         engines = create_chain(cfg.engine, cfg.engine_fallback, cfg.engine_timeout_s, cfg.engine_threads,
-                               cfg.engine_backend)
+                               cfg.engine_backend, cfg.runner_options())
         policy = BatchPolicy(cfg.batch_max_frames, cfg.batch_max_delay_us, cfg.batch_bucket_px)
         self.scheduler = ReconstructionScheduler(engines, self._send_from_worker, policy)
         self.localize = None
         if settings.localize.enabled:
             localize_engines = create_chain("classical" if cfg.engine == "none" else cfg.engine, cfg.engine_fallback,
-                                            cfg.engine_timeout_s, cfg.engine_threads, cfg.engine_backend)
+                                            cfg.engine_timeout_s, cfg.engine_threads, cfg.engine_backend,
+                                            cfg.runner_options())
             self.localize = LocalizationService(settings.localize, localize_engines, self._send_from_worker,
                                                 settings.limits.max_cols, min(settings.limits.max_rows,
                                                                               settings.limits.max_cols))

@@ -39,3 +39,14 @@ def test_bad_config_is_refused_with_the_key(tmp_path, text):
 def test_bad_env_name_is_refused():
     with pytest.raises(ConfigError):
         load_settings(environ={"STM_LIVE_ENGINE": "none"})
+
+
+def test_tensorrt_profiles_must_be_ordered_and_reach_the_runner():
+    from pydantic import ValidationError
+
+    from stm_live.config import DaemonSettings
+
+    with pytest.raises(ValidationError, match="min <= opt <= max"):
+        DaemonSettings(tensorrt_batch=[8, 1, 32])
+    options = DaemonSettings(tensorrt_size_px=[64, 512, 2048], engine_half=True).runner_options()
+    assert options.trt_size_px == (64, 512, 2048) and options.half and options.trt_batch == (1, 8, 32)
