@@ -1,14 +1,12 @@
-"""The learned engine: MaskedUNet through a runner (engines.runners: PyTorch CPU/CUDA, ONNX Runtime).
+"""The learned engine: MaskedUNet through a runner (engines.runners: TensorRT, PyTorch, ONNX Runtime).
 
 Per frame: normalise from the measured pixels (plane and spread), pad to the network's size
 multiple, infer mean and log-variance, map back to physical units. The uncertainty is the
 predicted standard deviation (0 at measured pixels once `reconstruct_exact` restores them).
 Rows beyond the scanned span stay NaN, as with the classical engine.
 
-Stochastic mode (for localization maps): N plausible reconstructions of one measurement by
-perturbing the measured input with noise of the measurement's own white-noise level, the
-method of the STM super-resolution source; unlike sampling the per-pixel variance it yields
-spatially coherent alternatives, each a full network pass, all in one batch.
+The stochastic reconstructions of localization maps (stm_live.localize.locmap) run through this
+engine like any other: N perturbed copies of the measurement in one batch.
 
 A runner that fails to load or to run is logged and replaced by the next in its chain, and the
 batch is run again, so no frame is lost to a backend failure.

@@ -99,6 +99,15 @@ def bench_ingest(settings: Settings, lines: int = 200_000, cols: int = 512, chan
     }
 
 
+def _started_daemon(cfg: Settings, context: zmq.Context) -> tuple[Daemon, threading.Thread]:
+    """A daemon serving on its own thread of this process, ready for input."""
+    daemon = Daemon(cfg, context)
+    thread = threading.Thread(target=daemon.run, name="bench-daemon")
+    thread.start()
+    daemon.wait_ready(30)
+    return daemon, thread
+
+
 def _idle_for(daemon: Daemon, seconds: float) -> bool:
     before = daemon.counters["lines"]
     time.sleep(seconds)
@@ -183,10 +192,7 @@ def bench_e2e(settings: Settings, engine: str = "model", frames: int = 2, size: 
         cfg.daemon.engine, cfg.daemon.reconstruct_every_lines = engine, every_lines
         cfg.localize.enabled = localize
         context = zmq.Context()
-        daemon = Daemon(cfg, context)
-        thread = threading.Thread(target=daemon.run, name="bench-daemon")
-        thread.start()
-        daemon.wait_ready(30)
+        daemon, thread = _started_daemon(cfg, context)
         listener = context.socket(zmq.SUB)
         listener.setsockopt(zmq.SUBSCRIBE, b"frame")
         listener.connect(output)
@@ -274,10 +280,7 @@ def bench_view(rate: float = 10_000.0, cols: int = 256, seconds: float = 20.0) -
             cfg.daemon.input, cfg.daemon.output, cfg.daemon.record_dir = endpoint, output, work
             cfg.daemon.export_hdf5 = False
             context = zmq.Context()
-            daemon = Daemon(cfg, context)
-            thread = threading.Thread(target=daemon.run, name="bench-daemon")
-            thread.start()
-            daemon.wait_ready(30)
+            daemon, thread = _started_daemon(cfg, context)
             viewer = None
             stats = Path(work) / "viewer.json"
             if attached:

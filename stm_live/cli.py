@@ -236,7 +236,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
     from stm_live.localize.figures import plot_locate
 
     report, locmap, image, mask = locate_file(args.file, create_engine(args.engine), args.plan, args.spacing,
-                                              args.samples, args.seed)
+                                              args.samples, args.seed, args.crops)
     if args.plot:
         plot_locate(report, locmap, image, mask, args.plot)
     if args.json:
@@ -485,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="classical")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--atoms", action="store_true", help="list every atom in the output")
+    p.add_argument("--crops", action="store_true",
+                   help="localize each detected molecule on its own 4x super-resolved crop (Localization-STM)")
     p.add_argument("--plot", help="write a figure: scan, reconstruction, localization map")
     p.add_argument("--json", help="write the result (with every atom) here too")
     p.set_defaults(func=cmd_locate)

@@ -141,7 +141,28 @@ def test_forward_and_backward_atoms_pair_up_and_the_lag_cancels(lag):
     assert np.allclose(offset, [2 * lag, 0.0])
     assert len(both) == 5 and np.allclose(np.sort(both.xy_nm[:3], axis=0), truth)
     assert np.allclose(both.xy_nm[3:], [[7.0 - lag, 5.0], [8.0 + lag, 5.0]]), "lone atoms move back by the lag"
-    assert np.allclose(both.precision_nm[:3], 0.004 / np.sqrt(2)) and both.support.tolist() == [16, 15, 14, 9, 9]
+    assert np.allclose(both.precision_nm, [0.004 / np.sqrt(2)] * 3 + [0.004] * 2), "traces agree: bootstrap only"
+    assert both.support.tolist() == [16, 15, 14, 9, 9]
+    wobbly = one(-lag, 8.0)
+    wobbly = Atoms(wobbly.x_nm + np.array([0.0, 0.0, 0.06, 0.0]), *(getattr(wobbly, c) for c in
+                   ("y_nm", "height", "precision_nm", "support")), 16)
+    precision = combine_traces(one(lag, 7.0), wobbly, 1.0)[0].precision_nm
+    assert precision[2] == pytest.approx(np.hypot(0.004 / np.sqrt(2), 0.06 / (2 * np.sqrt(2))), rel=1e-3), \
+        "traces that disagree on an atom say so in its precision"
+
+
+def test_a_super_resolved_crop_keeps_atoms_where_they_are():
+    """The crop's samples keep their physical positions on the 4x finer grid: no offset."""
+    from stm_live.localize.crops import crop_atoms
+
+    image, sites, pixel = lattice_frame(size=64, frame_nm=12.0, noise=0.02, seed=3)
+    box = np.array([3.0, 3.0, 9.0, 9.0])
+    atoms = crop_atoms(ClassicalReconstructor(), image, pixel, box, 1.0, 8, np.random.default_rng(0))
+    truth = sites[(sites[:, 0] >= 3) & (sites[:, 0] < 9) & (sites[:, 1] >= 3) & (sites[:, 1] < 9)]
+    i, j = match(atoms.xy_nm, truth, 0.3)
+    assert len(i) == len(truth) == len(atoms)
+    offset = atoms.xy_nm[i] - truth[j]
+    assert np.abs(offset.mean(axis=0)).max() < 0.005 and np.sqrt((offset**2).sum(axis=1).mean()) < 0.02
 
 
 def test_drift_between_successive_simulated_frames_of_one_area():
@@ -212,7 +233,8 @@ def test_simulator_evaluation_runs_and_the_map_beats_plain_peaks_on_molecules():
     assert result["lattice"]["class_accuracy"] >= 0.8
     assert set(result["atoms"]) == {"si111_7x7", "graphite", "molecular_layer"}
     assert set(result["drift"]) == {"si111_7x7", "graphite", "au111", "molecular_layer", "si001_h"}
-    assert result["molecule_atoms"]["atoms_true"] > 0
+    assert result["molecule_atoms"]["frame_map"]["atoms_true"] > 0
+    assert set(result["molecule_atoms"]) == {"frames", "molecules", "frame_map", "crop_sr4"}
 
 
 def test_locmap_message_round_trips_and_is_checked():

@@ -126,8 +126,12 @@ def combine_traces(forward: Atoms, backward: Atoms, spacing_nm: float) -> tuple[
     The feedback loop lags behind the tip, shifting every feature along the fast-scan direction
     of travel: forward one way, backward the other by the same amount, half the offset each.
     Atoms closer than 0.3 spacings once the offset is removed are one atom at the mean of the
-    pair (the lag cancels; the precision combines both traces', halved as for a mean of two); an
-    atom only one trace found is kept, moved back by half the offset."""
+    pair (the lag cancels); an atom only one trace found is kept, moved back by half the offset.
+    Precision (1 sigma per axis): the bootstrap scatter of both traces, halved as for a mean of
+    two, plus what the two traces disagree on beyond the offset, r: a mean of two estimates r
+    apart is uncertain by r / 2 along r, r / (2 sqrt 2) per axis. The bootstrap alone sees only
+    pixel noise; the disagreement also sees systematic shifts that differ between the traces.
+    A lone atom gets its trace's scatter plus the frame's median disagreement."""
     from scipy.optimize import linear_sum_assignment
 
     samples = min(forward.samples, backward.samples)
@@ -147,8 +151,12 @@ def combine_traces(forward: Atoms, backward: Atoms, spacing_nm: float) -> tuple[
 
     shift = np.concatenate([np.zeros((len(f), 2)), np.tile(-offset / 2, (len(lone_f), 1)),
                             np.tile(offset / 2, (len(lone_b), 1))])
-    precision = np.concatenate([np.hypot(forward.precision_nm[f], backward.precision_nm[b]) / 2,
-                                forward.precision_nm[lone_f], backward.precision_nm[lone_b]])
+    disagreement = np.linalg.norm(forward.xy_nm[f] - offset - backward.xy_nm[b], axis=1) / (2 * np.sqrt(2))
+    typical = float(np.median(disagreement)) if disagreement.size else 0.0
+    precision = np.concatenate([np.sqrt((forward.precision_nm[f] ** 2 + backward.precision_nm[b] ** 2) / 4
+                                        + disagreement**2),
+                                np.hypot(forward.precision_nm[lone_f], typical),
+                                np.hypot(backward.precision_nm[lone_b], typical)])
     support = np.concatenate([np.minimum(forward.support[f], backward.support[b]), forward.support[lone_f],
                               backward.support[lone_b]])
     return Atoms(column("x_nm") + shift[:, 0], column("y_nm") + shift[:, 1], column("height"), precision,
