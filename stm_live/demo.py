@@ -27,11 +27,12 @@ from stm_live.config import Settings
 from stm_live.engines import Reconstructor, create_engine, reconstruct_exact
 from stm_live.engines.classical import ClassicalReconstructor
 from stm_live.metrics import quality
-from stm_live.protocol import TIP_STATES, Decoder, Frame, ProtocolError, Status, TipAlert, TipReport, Truth
+from stm_live.protocol import TIP_STATES, Decoder, Frame, LocMap, ProtocolError, Status, TipAlert, TipReport, Truth
 
 log = logging.getLogger(__name__)
 
 SCORED_CHANNEL = "Z"
+LOCALIZATION_WAIT_S = 60.0  # after the last frame: its localization map (seconds on a CPU) may still come
 
 
 def free_tcp_endpoint() -> str:
@@ -51,7 +52,7 @@ def run_demo(settings: Settings, record_dir: str | None = None, timeout_s: float
     record = record_dir or temp
     context = zmq.Context()
     frames_sock = context.socket(zmq.SUB)
-    for topic in (b"frame", b"status", b"heartbeat", b"tip", b"alert"):
+    for topic in (b"frame", b"status", b"heartbeat", b"tip", b"alert", b"locmap"):
         frames_sock.setsockopt(zmq.SUBSCRIBE, topic)
     frames_sock.connect(output)
     truth_sock = context.socket(zmq.SUB)
@@ -76,6 +77,7 @@ def run_demo(settings: Settings, record_dir: str | None = None, timeout_s: float
     tip_states: dict[str, int] = {}
     alerts: list[dict[str, Any]] = []
     true_tip: dict[str, list[str]] = {}
+    locmaps: list[LocMap] = []
     try:
         poller = zmq.Poller()
         poller.register(frames_sock, zmq.POLLIN)
@@ -105,9 +107,11 @@ def run_demo(settings: Settings, record_dir: str | None = None, timeout_s: float
                     tip_states[msg.state] = tip_states.get(msg.state, 0) + 1
                 elif isinstance(msg, TipAlert):
                     alerts.append({"uid": msg.uid, "row": msg.row, "from": msg.previous, "to": msg.state})
+                elif isinstance(msg, LocMap):
+                    locmaps.append(msg)
                 elif isinstance(msg, Status):
                     status = msg
-                    if finished is not None and msg.t > finished:
+                    if finished is not None and msg.t > finished and _localized(settings, locmaps, finals):
                         deadline = 0.0
                 elif isinstance(msg, Frame) and msg.kind == "reconstructed":
                     latencies.append(msg.latency_s)
@@ -115,7 +119,8 @@ def run_demo(settings: Settings, record_dir: str | None = None, timeout_s: float
                         finals[msg.uid] = msg
             if finished is None and len(finals) >= demo.frames:
                 finished, elapsed = time.time(), time.monotonic() - started
-                deadline = min(deadline, time.monotonic() + 3 * settings.daemon.status_interval_s)
+                wait = LOCALIZATION_WAIT_S if settings.localize.enabled else 3 * settings.daemon.status_interval_s
+                deadline = min(deadline, time.monotonic() + wait)
         if finished is None:
             raise TimeoutError(f"only {len(finals)} of {demo.frames} frames finished within {timeout_s:.0f} s")
     finally:
@@ -147,10 +152,25 @@ def run_demo(settings: Settings, record_dir: str | None = None, timeout_s: float
         "frames_scored": len(scores), "scores": scores,
         "mean": {key: {m: round(float(np.mean([sc[key][m] for sc in scores])), 4) for m in ("psnr_db", "ssim")}
                  for key in ("engine", "classical", "model")} if scores else {},
+        "localization": _locmap_summary(locmaps),
         "recording": str(Path(record_dir)) if record_dir else "(temporary, removed)",
         "viewer": {"window": "a viewer window stays open", "snapshots": f"PNG snapshots in {demo.snapshot_dir}/",
                    "off": "off"}[view_mode],
     }
+
+
+def _localized(settings: Settings, locmaps: list[LocMap], finals: dict[str, Frame]) -> bool:
+    """True once the last scan has its localization map (or none is coming)."""
+    return not settings.localize.enabled or any(m.uid == max(finals) for m in locmaps)
+
+
+def _locmap_summary(locmaps: list[LocMap]) -> dict[str, Any]:
+    if not locmaps:
+        return {"maps": 0}
+    last = locmaps[-1]
+    return {"maps": len(locmaps), "last": {"uid": last.uid, "direction": last.direction, "atoms": last.atoms.shape[1],
+                                           "bravais": last.bravais, "lattice": last.lattice, "motion": last.motion,
+                                           "samples": last.samples, "method": last.method}}
 
 
 def _viewer_ready(view_mode: str, snapshot_dir: str) -> bool:
@@ -198,6 +218,14 @@ def format_summary(s: dict[str, Any]) -> str:
     rows.append(f"  tip monitor         simulated tip '{tip['simulated']}'; readings by state {tip['readings_by_state']}; "
                 f"{len(tip['alerts'])} alert(s)")
     rows.extend(f"    alert {a['uid']} row {a['row']}: {a['from']} -> {a['to']}" for a in tip["alerts"])
+    loc = s["localization"]
+    if loc["maps"]:
+        last = loc["last"]
+        lattice = (f"{last['bravais']} a={last['lattice']['a_nm']:.3f} nm" if last["lattice"] else "no lattice")
+        rows.append(f"  localization        {loc['maps']} map(s); last {last['uid']} {last['direction']}: "
+                    f"{last['atoms']} atoms from {last['samples']} {last['method']} reconstructions, {lattice} (inferred)")
+    else:
+        rows.append("  localization        no map arrived before the demo ended")
     rows.append(f"  recording           {s['recording']}")
     rows.append(f"  viewer              {s['viewer']}")
     return "\n".join(rows)

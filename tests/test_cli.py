@@ -49,6 +49,9 @@ def test_demo_reports_quality_and_latency(tmp_path):
     assert len(list((tmp_path / "rec").glob("*.journal"))) == 2
     assert (tmp_path / "view" / "view-last.png").stat().st_size > 10_000
     assert summary["tip"]["simulated"] == "good" and summary["tip"]["true_states"]
+    assert summary["localization"]["maps"] >= 1 and summary["localization"]["last"]["uid"] in {
+        s["uid"] for s in summary["scores"]}, "the demo waits for the last scan's localization map"
+    assert "localization" in result.stdout
 
 
 def test_bench_ingest_counts_every_line():
