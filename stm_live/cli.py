@@ -183,7 +183,8 @@ def _train_tip(args: argparse.Namespace) -> int:
     from stm_live.tip.training import TipTrainConfig, train_tip
 
     cfg = TipTrainConfig(**({"frames": args.frames} if args.frames else {}),
-                         **({"epochs": args.epochs} if args.epochs else {}))
+                         **({"epochs": args.epochs} if args.epochs else {}),
+                         **({"real_good": tuple(args.real_good)} if args.real_good else {}))
     with tqdm(total=cfg.frames + cfg.validation_frames, unit="frame", desc="simulating") as bar:
         summary = train_tip(cfg, bar.update)
     _print_json(summary, args.json)
@@ -442,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--frames", type=int, help="tip, molecules: simulated training frames")
     p.add_argument("--epochs", type=int, help="tip, molecules: training epochs")
+    p.add_argument("--real-good", nargs="+", metavar="SCAN",
+                   help="tip: recorded scans (in ../shared/data/real) whose tip is good, added to training")
     p.add_argument("--json", help="tip, molecules: write the summary here too")
     p.set_defaults(func=cmd_train)
 

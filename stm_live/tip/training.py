@@ -6,7 +6,8 @@ just after each tip change so the network learns to call a change from its first
 loss is class-weighted cross-entropy (changes are rare lines); the checkpoint kept is the one
 with the lowest loss on a validation set of other frames. Deterministic for a given seed.
 `real_good` adds every window of recorded scans whose tip is known to be good (the shipped
-weights were trained without).
+weights: `stm-live train tip --epochs 8 --real-good Si_7x7_028.sxm Si_7x7_012.sxm
+Au111_pySPM_test.sxm`).
 """
 
 from __future__ import annotations
