@@ -20,12 +20,21 @@ from stm_live.localize.locmap import Atoms, localization_map
 from stm_live.plans import parse_plan
 
 
+def in_box(xy_nm: np.ndarray, box_nm: np.ndarray) -> np.ndarray:
+    """Which of the (K, 2) points lie in the box (x0, y0, x1, y1 in nm)."""
+    return ((xy_nm[:, 0] >= box_nm[0]) & (xy_nm[:, 0] < box_nm[2])
+            & (xy_nm[:, 1] >= box_nm[1]) & (xy_nm[:, 1] < box_nm[3]))
+
+
 def crop_bounds(box_nm: np.ndarray, pixel_nm: float, shape: tuple[int, int], margin_nm: float) -> tuple[slice, slice]:
     """Rows and columns of the box (x0, y0, x1, y1 in nm) plus a margin, inside the frame."""
     x0, y0, x1, y1 = box_nm
-    rows = slice(max(0, int(np.floor((y0 - margin_nm) / pixel_nm))), min(shape[0], int(np.ceil((y1 + margin_nm) / pixel_nm))))
-    cols = slice(max(0, int(np.floor((x0 - margin_nm) / pixel_nm))), min(shape[1], int(np.ceil((x1 + margin_nm) / pixel_nm))))
-    return rows, cols
+
+    def span(low: float, high: float, size: int) -> slice:
+        return slice(max(0, int(np.floor((low - margin_nm) / pixel_nm))),
+                     min(size, int(np.ceil((high + margin_nm) / pixel_nm))))
+
+    return span(y0, y1, shape[0]), span(x0, x1, shape[1])
 
 
 def crop_atoms(engine: Reconstructor, image: np.ndarray, pixel_nm: float, box_nm: np.ndarray, spacing_nm: float,
@@ -41,6 +50,6 @@ def crop_atoms(engine: Reconstructor, image: np.ndarray, pixel_nm: float, box_nm
     atoms = localization_map(engine, fine, mask, pixel_nm / factor, spacing_nm, samples, rng).atoms
     shift = (1 - 1 / factor) * pixel_nm / 2
     x, y = atoms.x_nm + cols.start * pixel_nm + shift, atoms.y_nm + rows.start * pixel_nm + shift
-    inside = (x >= box_nm[0]) & (x < box_nm[2]) & (y >= box_nm[1]) & (y < box_nm[3])
+    inside = in_box(np.stack([x, y], axis=1), box_nm)
     return Atoms(x[inside], y[inside], atoms.height[inside], atoms.precision_nm[inside], atoms.support[inside],
                  atoms.samples)

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from stm_live.localize.peaks import parabola_offsets
+from stm_live.metrics import fit_plane
+
 MAX_SHIFT_FRACTION = 0.25
 MIN_CORRELATION = 0.3  # normalised: frames of unrelated areas correlate near 0
 MAX_AMBIGUITY = 0.8  # a runner-up peak this close to the best: a lattice translation could be the shift
@@ -29,11 +32,10 @@ MAX_DISAGREEMENT_PX = 1.0
 @dataclass(frozen=True)
 class Drift:
     """How far the image content moved (nm, x right, y down in image rows) between two frames
-    `interval_s` apart, and the ambiguity of the estimate (runner-up correlation peak over the best)."""
+    `interval_s` apart."""
 
     shift_nm: tuple[float, float]
     interval_s: float
-    ambiguity: float
 
     @property
     def velocity_nm_s(self) -> tuple[float, float]:
@@ -43,10 +45,7 @@ class Drift:
 def _prepared(image: np.ndarray, sigma_px: tuple[float, float]) -> np.ndarray:
     data = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=float(np.nanmedian(image)))
     data = ndimage.gaussian_filter(data, sigma_px, mode="nearest")
-    rows, cols = np.mgrid[:data.shape[0], :data.shape[1]]
-    design = np.stack([np.ones(data.size), cols.ravel(), rows.ravel()], axis=1)
-    plane = design @ np.linalg.lstsq(design, data.ravel(), rcond=None)[0]
-    return (data - plane.reshape(data.shape)) * np.outer(np.hanning(data.shape[0]), np.hanning(data.shape[1]))
+    return (data - fit_plane(data)) * np.outer(np.hanning(data.shape[0]), np.hanning(data.shape[1]))
 
 
 def _correlation(earlier: np.ndarray, later: np.ndarray) -> np.ndarray:
@@ -56,14 +55,9 @@ def _correlation(earlier: np.ndarray, later: np.ndarray) -> np.ndarray:
     return np.fft.fftshift(np.fft.ifft2(product).real)
 
 
-def _vertex(before: float, centre: float, after: float) -> float:
-    curvature = before - 2 * centre + after
-    return float(np.clip(0.5 * (before - after) / curvature, -0.5, 0.5)) if curvature < 0 else 0.0
-
-
 def _peak_shift(earlier: np.ndarray, later: np.ndarray,
-                sigma_px: tuple[float, float]) -> tuple[np.ndarray, float] | None:
-    """(d_row, d_col) in pixels and the ambiguity, or None when no clear peak stands out."""
+                sigma_px: tuple[float, float]) -> np.ndarray | None:
+    """(d_row, d_col) in pixels, or None when no clear peak stands out."""
     rows, cols = earlier.shape
     a, b = _prepared(earlier, sigma_px), _prepared(later, sigma_px)
     norm = float(np.sqrt(np.sum(a * a) * np.sum(b * b)))
@@ -79,18 +73,17 @@ def _peak_shift(earlier: np.ndarray, later: np.ndarray,
     maxima = window == ndimage.maximum_filter(window, size=footprint)
     maxima[r, c] = False
     runner_up = float(window[maxima].max(initial=0.0))
-    ambiguity = max(0.0, runner_up) / best if best > 0 else 1.0
-    if best < MIN_CORRELATION or ambiguity > MAX_AMBIGUITY or r in (0, window.shape[0] - 1) \
+    if best < MIN_CORRELATION or runner_up > MAX_AMBIGUITY * best or r in (0, window.shape[0] - 1) \
             or c in (0, window.shape[1] - 1):
         return None
-    return np.array([r - reach[0] + _vertex(window[r - 1, c], best, window[r + 1, c]),
-                     c - reach[1] + _vertex(window[r, c - 1], best, window[r, c + 1])]), ambiguity
+    dr, dc = parabola_offsets(window, np.array([r]), np.array([c]))
+    return np.array([r - reach[0] + dr[0], c - reach[1] + dc[0]])
 
 
 def frame_shift(earlier: np.ndarray, later: np.ndarray, size_nm: tuple[float, float],
-                spacing_nm: float) -> tuple[tuple[float, float], float] | None:
+                spacing_nm: float) -> tuple[float, float] | None:
     """(dx, dy) in nm that the content moved from `earlier` to `later` (frames of `size_nm`,
-    width and height), and the ambiguity (the runner-up correlation peak over the best).
+    width and height).
 
     None when the frames do not show one area, when another shift matches nearly as well, or
     when the top and bottom halves of the frames, correlated on their own, disagree with the
@@ -107,10 +100,10 @@ def frame_shift(earlier: np.ndarray, later: np.ndarray, size_nm: tuple[float, fl
     half = rows // 2
     for part in (slice(0, half), slice(half, rows)):
         found = _peak_shift(earlier[part], later[part], sigma_px)
-        if found is None or np.abs(found[0] - whole[0]).max() > MAX_DISAGREEMENT_PX:
+        if found is None or np.abs(found - whole).max() > MAX_DISAGREEMENT_PX:
             return None
-    (dy, dx), ambiguity = whole
-    return (float(dx * pixel_x), float(dy * pixel_y)), ambiguity
+    dy, dx = whole
+    return float(dx * pixel_x), float(dy * pixel_y)
 
 
 @dataclass
@@ -135,8 +128,5 @@ class DriftTracker:
         self._last[key] = _Seen(image, size_nm, t)
         if previous is None or previous.size_nm != size_nm or not t > previous.t:
             return None
-        found = frame_shift(previous.image, image, size_nm, spacing_nm)
-        if found is None:
-            return None
-        shift, ambiguity = found
-        return Drift(shift, t - previous.t, ambiguity)
+        shift = frame_shift(previous.image, image, size_nm, spacing_nm)
+        return None if shift is None else Drift(shift, t - previous.t)

@@ -31,13 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from scipy.spatial import cKDTree
 
 from stm_live.engines import Reconstructor, reconstruct_exact
-from stm_live.localize.crops import crop_atoms
+from stm_live.localize.crops import crop_atoms, in_box
 from stm_live.localize.lattice import LatticeError, analyze_lattice, reduce_basis
 from stm_live.localize.locmap import Atoms, LocalizationMap, combine_traces, localization_map
-from stm_live.localize.peaks import Peaks, dominant_spacing_nm, find_peaks
+from stm_live.localize.peaks import Peaks, dominant_spacing_nm, find_peaks, nearest_neighbour_nm
 from stm_live.machine import machine
 from stm_live.plans import parse_plan
 
@@ -135,7 +134,7 @@ def evaluate_atoms(engine: Reconstructor, frames: int, samples: int, plan: str, 
             frame = truth_frame(surface, rng, size)
             pixel = frame.topography.canvas.pixel_nm
             truth_all = frame.topography.atoms_nm
-            spacing = float(np.median(cKDTree(truth_all).query(truth_all, k=2)[0][:, 1]))
+            spacing = nearest_neighbour_nm(truth_all)
             image = frame.forward_z_nm.astype(np.float32)
             mask = parse_plan(plan).mask(size, size)
             edge = (spacing, frame.topography.canvas.frame_nm - spacing)
@@ -227,13 +226,14 @@ def evaluate_lattices(engine: Reconstructor, frames: int, plan: str, size: int,
 def evaluate_molecule_atoms(engine: Reconstructor, frames: int, samples: int, plan: str, size: int,
                             rng: np.random.Generator) -> dict[str, Any]:
     """Supramolecules among other molecules: for each detected one, the localized metal atoms
-    inside its box against the true ones (found, matched, median nearest-neighbour spacing),
-    from the whole frame's map and from its 4x super-resolved crop (`crops.crop_atoms`)."""
+    inside its box against the true ones (precision, recall, RMS error, the molecule's own
+    spacing), from the whole frame's map and from its 4x super-resolved crop (`crops.crop_atoms`)."""
     from stm_live.localize.molecules import MoleculeDetector
 
     detector = MoleculeDetector()
-    tallies = {way: {"found": 0, "matched": 0, "true": 0, "spacing_errors": [], "position_errors": []}
-               for way in ("frame_map", "crop_sr4")}
+    ways = ("frame_map", "crop_sr4")
+    tallies = {way: _Tally() for way in ways}
+    spacing_errors: dict[str, list[float]] = {way: [] for way in ways}
     molecules_seen = 0
     for _ in range(frames):
         frame = truth_frame("supramolecules", rng, size)
@@ -241,39 +241,26 @@ def evaluate_molecule_atoms(engine: Reconstructor, frames: int, samples: int, pl
         truth = frame.topography.atoms_nm
         mask = parse_plan(plan).mask(size, size)
         measured = np.where(mask, frame.forward_z_nm, np.nan).astype(np.float32)
-        spacing = float(np.median(cKDTree(truth).query(truth, k=2)[0][:, 1]))
+        spacing = nearest_neighbour_nm(truth)
         whole = localization_map(engine, measured, mask, pixel, spacing, samples, rng).atoms
         image = reconstruct_exact(engine, measured[None], mask[None]).images[0]
-        molecules = detector.detect(image, pixel)
-        for box, score in zip(molecules.boxes_nm, molecules.scores):
+        for box in detector.detect(image, pixel).boxes_nm:
             molecules_seen += 1
-            inside = truth[(truth[:, 0] >= box[0]) & (truth[:, 0] < box[2]) & (truth[:, 1] >= box[1])
-                           & (truth[:, 1] < box[3])]
-            for way, atoms in (("frame_map", whole), ("crop_sr4", crop_atoms(engine, image, pixel, box, spacing,
-                                                                              samples, rng))):
-                report = _molecule_report(box, score, atoms)
-                xy = atoms.xy_nm[(atoms.x_nm >= box[0]) & (atoms.x_nm < box[2]) & (atoms.y_nm >= box[1])
-                                 & (atoms.y_nm < box[3])]
-                i, j = match(xy, inside, 0.3 * spacing)
-                tally = tallies[way]
-                tally["found"] += report["atoms"]
-                tally["true"] += len(inside)
-                tally["matched"] += len(i)
-                tally["position_errors"].extend(np.linalg.norm(xy[i] - inside[j], axis=1))
-                if report["atom_spacing_nm"] is not None and len(inside) >= 2:
-                    true_spacing = float(np.median(cKDTree(inside).query(inside, k=2)[0][:, 1]))
-                    tally["spacing_errors"].append(abs(report["atom_spacing_nm"] - true_spacing) / true_spacing)
+            inside = truth[in_box(truth, box)]
+            for way, atoms in (("frame_map", whole),
+                               ("crop_sr4", crop_atoms(engine, image, pixel, box, spacing, samples, rng))):
+                xy = atoms.xy_nm[in_box(atoms.xy_nm, box)]
+                tallies[way].add(xy, inside, 0.3 * spacing)
+                if len(xy) >= 2 and len(inside) >= 2:
+                    true_spacing = nearest_neighbour_nm(inside)
+                    spacing_errors[way].append(abs(nearest_neighbour_nm(xy) - true_spacing) / true_spacing)
     result: dict[str, Any] = {"frames": frames, "molecules": molecules_seen}
-    for way, tally in tallies.items():
-        spacing_pct = 100 * np.asarray(tally["spacing_errors"])
-        errors = np.asarray(tally["position_errors"])
-        result[way] = {
-            "atoms_found": tally["found"], "atoms_true": tally["true"],
-            "precision": round(tally["matched"] / max(1, tally["found"]), 4),
-            "recall": round(tally["matched"] / max(1, tally["true"]), 4),
-            "rms_error_pm": round(1000 * float(np.sqrt(np.mean(errors**2))), 2) if errors.size else None,
-            "spacing_error_pct": {"median": round(float(np.median(spacing_pct)), 2),
-                                  "p90": round(float(np.percentile(spacing_pct, 90)), 2)} if spacing_pct.size else None}
+    for way in ways:
+        spacing_pct = 100 * np.asarray(spacing_errors[way])
+        result[way] = {**tallies[way].summary(),
+                       "spacing_error_pct": {"median": round(float(np.median(spacing_pct)), 2),
+                                             "p90": round(float(np.percentile(spacing_pct, 90)), 2)}
+                       if spacing_pct.size else None}
     return result
 
 
@@ -307,7 +294,7 @@ def evaluate_drift(engine: Reconstructor, sequences: int, plan: str, size: int,
             if found is None:
                 missed += 1
                 continue
-            errors.append(np.hypot(*(np.asarray(found[0]) - truth)) / pixel)
+            errors.append(np.hypot(*(np.asarray(found) - truth)) / pixel)
         error_px = np.asarray(errors)
         results[surface] = {
             "pairs": sequences, "no_estimate": missed,
@@ -348,7 +335,7 @@ def plot_simulated(engine: Reconstructor, surface: str, path: str, samples: int 
     rng = np.random.default_rng(seed)
     frame = truth_frame(surface, rng, size)
     truth = frame.topography.atoms_nm
-    spacing = float(np.median(cKDTree(truth).query(truth, k=2)[0][:, 1]))
+    spacing = nearest_neighbour_nm(truth)
     pixel = frame.topography.canvas.pixel_nm
     mask = parse_plan(plan).mask(size, size)
     measured = np.where(mask, frame.forward_z_nm, np.nan).astype(np.float32)
@@ -370,9 +357,9 @@ def plot_simulated(engine: Reconstructor, surface: str, path: str, samples: int 
 def _molecule_report(box: np.ndarray, score: float, atoms: Atoms) -> dict[str, Any]:
     """A detected molecule: its box, score, the localized atoms inside and their median
     nearest-neighbour distance (the molecule's own atom spacing; None below two atoms)."""
-    inside = ((atoms.x_nm >= box[0]) & (atoms.x_nm < box[2]) & (atoms.y_nm >= box[1]) & (atoms.y_nm < box[3]))
+    inside = in_box(atoms.xy_nm, box)
     xy = atoms.xy_nm[inside]
-    spacing = float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1])) if len(xy) >= 2 else None
+    spacing = nearest_neighbour_nm(xy) if len(xy) >= 2 else None
     return {"box_nm": [round(float(v), 3) for v in box], "score": round(float(score), 3), "atoms": int(inside.sum()),
             "atom_spacing_nm": None if spacing is None else round(spacing, 4)}
 

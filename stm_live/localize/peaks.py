@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 from skimage.feature import peak_local_max
 
 
@@ -59,7 +60,7 @@ def pixel_noise(image: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(second - np.median(second))) / np.sqrt(6.0))
 
 
-def _refine(values: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def parabola_offsets(values: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sub-pixel offsets from a parabola through each maximum and its two neighbours, per axis."""
     padded = np.pad(values, 1, mode="edge")
     r, c = rows + 1, cols + 1
@@ -87,8 +88,13 @@ def find_peaks(image: np.ndarray, pixel_nm: float | tuple[float, float], spacing
     found = peak_local_max(flat, footprint=footprint, threshold_abs=threshold * noise, exclude_border=False,
                            labels=labels)
     rows, cols = found[:, 0], found[:, 1]
-    dr, dc = _refine(flat, rows, cols) if refine else (0.0, 0.0)
+    dr, dc = parabola_offsets(flat, rows, cols) if refine else (0.0, 0.0)
     return Peaks(x_nm=(cols + dc + 0.5) * pixel[1], y_nm=(rows + dr + 0.5) * pixel[0], height=flat[rows, cols])
+
+
+def nearest_neighbour_nm(xy_nm: np.ndarray) -> float:
+    """Median distance from each of (K >= 2) points to its nearest neighbour."""
+    return float(np.median(cKDTree(xy_nm).query(xy_nm, k=2)[0][:, 1]))
 
 
 def dominant_spacing_nm(image: np.ndarray, pixel_nm: float) -> float:
