@@ -81,27 +81,27 @@ class TorchRunner(Runner):
             raise RuntimeError("no CUDA device")
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
+        self.dtype = torch.float16 if self.half else torch.float32
         model, _ = load_model(self.weights)
-        self.model = model.to(self.device, torch.float16 if self.half else torch.float32)
+        self.model = model.to(self.device, self.dtype)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        dtype = torch.float16 if self.half else torch.float32
         with torch.inference_mode():
             if self.device != "cuda" or not self.options.cuda_graphs:
-                return self.model(torch.from_numpy(batch).to(self.device, dtype)).float().cpu().numpy()
-            graph, static_in, static_out = self._graph(batch.shape, dtype)
+                return self.model(torch.from_numpy(batch).to(self.device, self.dtype)).float().cpu().numpy()
+            graph, static_in, static_out = self._graph(batch.shape)
             static_in.copy_(torch.from_numpy(batch))
             graph.replay()
             return static_out.float().cpu().numpy()
 
-    def _graph(self, shape: tuple[int, ...], dtype) -> tuple:
+    def _graph(self, shape: tuple[int, ...]) -> tuple:
         """The captured graph of one input shape, with its static input and output tensors."""
         import torch
 
         if shape not in self._graphs:
-            static_in = torch.zeros(shape, device="cuda", dtype=dtype)
+            static_in = torch.zeros(shape, device="cuda", dtype=self.dtype)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -119,12 +119,15 @@ class TorchRunner(Runner):
         self._graphs.clear()
 
 
+def _digest(weights: Path) -> str:
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+
+
 def _onnx_path(weights: Path, half: bool = False) -> Path:
     """The model's ONNX export (dynamic batch and size), kept next to other exports by content hash."""
     from stm_live.engines.torch_model import export_onnx
 
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"stm-live-masked-unet-{digest}{'-fp16' if half else ''}.onnx"
+    path = Path(tempfile.gettempdir()) / f"stm-live-masked-unet-{_digest(weights)}{'-fp16' if half else ''}.onnx"
     if not path.exists():
         partial = path.with_suffix(".partial")
         export_onnx(str(partial), weights, half=half)
@@ -179,7 +182,7 @@ class TensorRTRunner(Runner):
         self.logger = trt.Logger(trt.Logger.WARNING)
         (b_min, b_opt, b_max), (s_min, s_opt, s_max) = self.options.trt_batch, self.options.trt_size_px
         self.profile = ((b_min, 2, s_min, s_min), (b_opt, 2, s_opt, s_opt), (b_max, 2, s_max, s_max))
-        digest = hashlib.sha256(self.weights.read_bytes()).hexdigest()[:16]
+        digest = _digest(self.weights)
         gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name())
         shape_key = "-".join("x".join(map(str, dims)) for dims in self.profile)
         plan = self.options.cache / (f"masked-unet-{digest}-{'fp16' if self.options.half else 'fp32'}-{shape_key}"

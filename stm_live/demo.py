@@ -161,7 +161,7 @@ def run_demo(settings: Settings, record_dir: str | None = None, timeout_s: float
 
 def _localized(settings: Settings, locmaps: list[LocMap], finals: dict[str, Frame]) -> bool:
     """True once the last scan has its localization map (or none is coming)."""
-    return not settings.localize.enabled or any(m.uid == max(finals) for m in locmaps)
+    return not settings.localize.enabled or any(m.uid == next(reversed(finals)) for m in locmaps)
 
 
 def _locmap_summary(locmaps: list[LocMap]) -> dict[str, Any]:
