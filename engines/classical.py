@@ -16,6 +16,8 @@ first or last measured row stay NaN, so a frame still being scanned shows its un
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 from scipy.interpolate import CloughTocher2DInterpolator, CubicSpline, LinearNDInterpolator, RectBivariateSpline
 from skimage.restoration import inpaint_biharmonic
@@ -30,16 +32,29 @@ def _held(points: np.ndarray, size: int) -> np.ndarray:
 
 def spline_rows(image: np.ndarray, rows: np.ndarray, degree: int = 3) -> np.ndarray:
     """Spline of the given degree (1 or 3) through the measured rows, at every row (edges held)."""
-    height = image.shape[0]
+    rows = np.asarray(rows, dtype=np.intp)
+    return _row_spline_weights(rows.tobytes(), image.shape[0], degree) @ image[rows]
+
+
+@lru_cache(maxsize=128)
+def _row_spline_weights(rows_key: bytes, height: int, degree: int) -> np.ndarray:
+    """A spline is linear in the values it passes through, so the fill of every column is one
+    (height x rows) matrix product. The matrix depends only on which rows were measured, which
+    repeats from scan to scan, so it is built once per pattern: a live frame then costs a matrix
+    product instead of a spline fit per column."""
+    rows = np.frombuffer(rows_key, dtype=np.intp)
     if rows.size == 1:
-        return np.repeat(image[rows], height, axis=0)
+        return np.ones((height, 1))
     at = _held(rows, height)
     if degree == 1:
         below = np.clip(np.searchsorted(rows, at, side="right") - 1, 0, rows.size - 2)
-        frac = ((at - rows[below]) / (rows[below + 1] - rows[below]))[:, None]
-        return image[rows[below]] * (1 - frac) + image[rows[below + 1]] * frac
+        frac = (at - rows[below]) / (rows[below + 1] - rows[below])
+        weights = np.zeros((height, rows.size))
+        weights[np.arange(height), below] = 1 - frac
+        weights[np.arange(height), below + 1] += frac
+        return weights
     kind = "not-a-knot" if rows.size > 3 else "natural"
-    return CubicSpline(rows, image[rows], axis=0, bc_type=kind)(at)
+    return CubicSpline(rows, np.eye(rows.size), axis=0, bc_type=kind)(at)
 
 
 def spline_grid(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, degree: int = 3) -> np.ndarray:
