@@ -30,31 +30,41 @@ def _held(points: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.arange(size), points[0], points[-1])
 
 
-def spline_rows(image: np.ndarray, rows: np.ndarray, degree: int = 3) -> np.ndarray:
-    """Spline of the given degree (1 or 3) through the measured rows, at every row (edges held)."""
+def spline_rows(image: np.ndarray, rows: np.ndarray, degree: int = 3,
+                span: tuple[int, int] | None = None) -> np.ndarray:
+    """Spline of the given degree (1 or 3) through the measured rows, at rows [top, bottom) of
+    `span` (default: every row; edges held). Measured rows are returned as they are."""
+    top, bottom = span or (0, image.shape[0])
     rows = np.asarray(rows, dtype=np.intp)
-    return _row_spline_weights(rows.tobytes(), image.shape[0], degree) @ image[rows]
+    missing, weights = _row_spline_weights(rows.tobytes(), top, bottom, degree)
+    out = image[top:bottom].copy()
+    out[missing - top] = weights @ image[rows]
+    return out
 
 
-@lru_cache(maxsize=128)
-def _row_spline_weights(rows_key: bytes, height: int, degree: int) -> np.ndarray:
-    """A spline is linear in the values it passes through, so the fill of every column is one
-    (height x rows) matrix product. The matrix depends only on which rows were measured, which
-    repeats from scan to scan, so it is built once per pattern: a live frame then costs a matrix
-    product instead of a spline fit per column."""
+@lru_cache(maxsize=256)
+def _row_spline_weights(rows_key: bytes, top: int, bottom: int, degree: int) -> tuple[np.ndarray, np.ndarray]:
+    """The unmeasured rows in [top, bottom) and the (unmeasured x measured rows) weights that fill them.
+
+    A spline is linear in the values it passes through, so filling every column is one matrix
+    product. The matrix depends only on which rows were measured, which repeats from scan to
+    scan, so it is built once per pattern: a live frame then costs one small matrix product for
+    the rows it lacks instead of a spline fit per column.
+    """
     rows = np.frombuffer(rows_key, dtype=np.intp)
+    missing = np.setdiff1d(np.arange(top, bottom), rows)
     if rows.size == 1:
-        return np.ones((height, 1))
-    at = _held(rows, height)
+        return missing, np.ones((missing.size, 1))
+    at = np.clip(missing, rows[0], rows[-1])
     if degree == 1:
         below = np.clip(np.searchsorted(rows, at, side="right") - 1, 0, rows.size - 2)
         frac = (at - rows[below]) / (rows[below + 1] - rows[below])
-        weights = np.zeros((height, rows.size))
-        weights[np.arange(height), below] = 1 - frac
-        weights[np.arange(height), below + 1] += frac
-        return weights
+        weights = np.zeros((missing.size, rows.size))
+        weights[np.arange(missing.size), below] = 1 - frac
+        weights[np.arange(missing.size), below + 1] += frac
+        return missing, weights
     kind = "not-a-knot" if rows.size > 3 else "natural"
-    return CubicSpline(rows, np.eye(rows.size), axis=0, bc_type=kind)(at)
+    return missing, CubicSpline(rows, np.eye(rows.size), axis=0, bc_type=kind)(at)
 
 
 def spline_grid(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, degree: int = 3) -> np.ndarray:
@@ -99,7 +109,7 @@ def reconstruct_one(image: np.ndarray, mask: np.ndarray, method: str = "auto") -
     if method == "biharmonic":
         out[top:bottom] = biharmonic(image[top:bottom], mask[top:bottom])
     elif mask[rows].all():
-        out[top:bottom] = spline_rows(image, rows, degree)[top:bottom]
+        out[top:bottom] = spline_rows(image, rows, degree, (top, bottom))
     elif np.array_equal(mask, np.outer(row_any, col_any)):
         out[top:bottom] = spline_grid(image, rows, cols, degree)[top:bottom]
     elif method == "auto":

@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
+from scipy.interpolate import CubicSpline
 
 from stm_live.engines import create_engine, reconstruct_exact
 from stm_live.engines.base import EngineError, Reconstruction, Reconstructor
+from stm_live.engines.classical import spline_rows
 from stm_live.metrics import quality
 from stm_live.plans import parse_plan
 from stm_live.sim.frames import random_spec, simulate_frame
@@ -93,3 +95,18 @@ def test_every_baseline_method_fills_every_plan_keeping_measurements(surface, me
     out = reconstruct_exact(engine, np.where(mask, surface, np.nan)[None], mask[None]).images[0]
     assert np.isfinite(out).all() and np.array_equal(out[mask], surface[mask])
     assert quality(surface.astype(float), out.astype(float)).psnr > 18
+
+
+@pytest.mark.parametrize("degree", [1, 3])
+def test_row_spline_is_the_per_column_spline_of_scipy(degree):
+    """The cached row-weight matrices give what a spline fitted to each column gives."""
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(90, 40))
+    rows = np.sort(rng.choice(np.arange(5, 80), size=17, replace=False))
+    at = np.clip(np.arange(90), rows[0], rows[-1])
+    if degree == 3:
+        expected = CubicSpline(rows, image[rows], axis=0, bc_type="not-a-knot")(at)
+    else:
+        expected = np.stack([np.interp(at, rows, column) for column in image[rows].T], axis=1)
+    for span in [(0, 90), (2, 85)]:
+        np.testing.assert_allclose(spline_rows(image, rows, degree, span), expected[span[0]:span[1]], atol=1e-12)
