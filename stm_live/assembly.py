@@ -35,6 +35,7 @@ class DirectionFrames:
     rows_seen: np.ndarray
     lines_since_publish: int = 0
     last_line_time: float = 0.0
+    last_submit: float = float("-inf")
 
 
 @dataclass

@@ -61,6 +61,9 @@ class DaemonSettings(_Section):
     engine_timeout_s: float = Field(10.0, gt=0, description="deadline per frame of a batch before the batch goes to "
                                                             "the fallback engine")
     reconstruct_every_lines: int = Field(16, ge=0, description="progressive reconstruction cadence; 0 = at scan end only")
+    progressive_max_hz: float = Field(60.0, ge=0, description="progressive frames per second per scan direction at "
+                                      "most (a display shows no more; matters at video rate); held lines follow "
+                                      "within 1/rate s; 0 = no limit")
     batch_max_frames: int = Field(32, ge=1, le=1024, description="frames per engine call at most (micro-batching)")
     batch_max_delay_us: int = Field(200, ge=0, le=1_000_000, description="when several frames wait but fewer than a "
                                     "full batch, wait this long for more; a lone frame never waits")

@@ -2,8 +2,9 @@
 
 Data flows one way. The ingest thread receives a message, decodes it strictly, appends it to
 the scan's journal (before anything else happens to it), then routes it to the frame assembler;
-every `reconstruct_every_lines` lines and at scan end it hands a snapshot to the scheduler, at
-scan end the final height frames to the localization thread, and every line to the tip monitor.
+every `reconstruct_every_lines` lines (at most `progressive_max_hz` times a second per scan
+direction; lines held back by that limit follow as soon as it allows) and at scan end it hands a
+snapshot to the scheduler, at scan end the final height frames to the localization thread, and every line to the tip monitor.
 The reconstruction, localization and tip-monitor threads send their messages (frames; locmaps;
 tip readings, alerts, actions) back over an inproc socket, and the ingest thread, the
 only owner of the output socket, publishes them with heartbeats and status.
@@ -95,6 +96,8 @@ class Daemon:
         self.record_error: str | None = None
         self._stop = threading.Event()
         self._ready = threading.Event()
+        self._min_submit_interval = 1.0 / cfg.progressive_max_hz if cfg.progressive_max_hz else 0.0
+        self._held: dict[tuple[str, str], float] = {}
         self._results_endpoint = f"inproc://stm-live-results-{id(self)}"
         self._worker_sockets = threading.local()
         self._all_worker_sockets: list[zmq.Socket] = []
@@ -198,7 +201,8 @@ class Daemon:
                 self._expire_silent()
                 self._publish_status(pub)
                 next_status = now + cfg.status_interval_s
-            wait_ms = max(0, int(1000 * (min(next_heartbeat, next_status, now + 0.2) - now)))
+            next_held = self._submit_held()
+            wait_ms = max(0, int(1000 * (min(next_heartbeat, next_status, next_held, now + 0.2) - now)))
             events = dict(poller.poll(wait_ms))
             if sub in events:
                 batch = []
@@ -279,10 +283,34 @@ class Daemon:
             self.tip.line(state, msg)
         every = self.settings.daemon.reconstruct_every_lines
         if every and frames.lines_since_publish >= every:
-            self.scheduler.submit_scan(state, msg.direction, frames, final=False)
+            due = frames.last_submit + self._min_submit_interval
+            if received >= due:
+                self._submit_progressive(state, msg.direction, frames, received)
+            else:
+                self._held[(state.uid, msg.direction)] = due
+
+    def _submit_progressive(self, state: ScanState, direction: str, frames: DirectionFrames, now: float) -> None:
+        frames.last_submit = now
+        self._held.pop((state.uid, direction), None)
+        self.scheduler.submit_scan(state, direction, frames, final=False)
+
+    def _submit_held(self) -> float:
+        """Submit the progressive frames the rate limit held back once it allows (a scan that
+        pauses still shows its newest lines); returns when the next held one is due (monotonic)."""
+        now = time.perf_counter()
+        for (uid, direction), due in list(self._held.items()):
+            state = self.assembler.scans.get(uid)
+            if state is None:
+                del self._held[(uid, direction)]
+            elif now >= due:
+                self._submit_progressive(state, direction, state.directions[direction], now)
+        if not self._held:
+            return float("inf")
+        return time.monotonic() + max(0.0, min(self._held.values()) - now)
 
     def _finish_scan(self, state: ScanState) -> None:
         for direction, frames in state.directions.items():
+            self._held.pop((state.uid, direction), None)
             if frames.rows_seen.any():
                 self.scheduler.submit_scan(state, direction, frames, final=True)
                 self._submit_localization(state, direction, frames)

@@ -1,6 +1,7 @@
 """The daemon over real ZeroMQ sockets on loopback, with real recordings on disk."""
 
 import threading
+import time
 
 import h5py
 import msgpack
@@ -244,6 +245,7 @@ def test_a_stalled_subscriber_does_not_hold_up_the_daemon_or_other_subscribers(s
     room for a scheduling hiccup on a loaded machine.)"""
     settings.zmq.output_hwm = 100
     settings.daemon.reconstruct_every_lines = 1
+    settings.daemon.progressive_max_hz = 0
     context = zmq.Context()
     stalled = context.socket(zmq.SUB)
     stalled.setsockopt(zmq.RCVHWM, 1)
@@ -321,5 +323,34 @@ def test_a_simulator_killed_mid_scan_and_restarted(settings):
     finally:
         if first.poll() is None:
             first.kill()
+        h.stop()
+        context.term()
+
+
+def test_progressive_frames_are_rate_limited_and_held_lines_follow(settings):
+    """Lines far faster than the limit: a few progressive frames, not one per line, and the
+    newest line still shows once the scan pauses (before it ends)."""
+    settings.daemon.reconstruct_every_lines = 1
+    settings.daemon.progressive_max_hz = 5.0
+    context = zmq.Context()
+    h = Harness(settings, context).start()
+    try:
+        frame = make_frame(64, 16)
+        h.publisher.scan_start(scan_start("fast", rows=64, cols=16))
+        started = time.monotonic()
+        for row in range(64):
+            h.publisher.line("fast", row, "forward", CHANNELS, [frame[row], frame[row]])
+        newest = lambda: [f for f in h.listener.frames(uid="fast", kind="reconstructed", channel="Z")
+                          if f.rows_seen == 64]
+        h.listener.until(lambda ms: bool(newest()), what="a progressive frame with every line")
+        elapsed = time.monotonic() - started
+        progressive = h.listener.frames(uid="fast", kind="reconstructed", channel="Z")
+        assert not any(f.final for f in progressive)
+        assert len(progressive) <= 5.0 * elapsed + 2, (len(progressive), elapsed)
+        np.testing.assert_array_equal(newest()[0].image, frame)
+        h.publisher.scan_end("fast")
+        h.listener.until(lambda ms: any(f.final for f in h.listener.frames(uid="fast", kind="reconstructed")),
+                         what="the final frame")
+    finally:
         h.stop()
         context.term()

@@ -53,6 +53,9 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self._rendered = -1
         self.renders = 0
         self.render_ms: deque[float] = deque(maxlen=10_000)
+        self.render_times: deque[float] = deque(maxlen=100_000)
+        self.frame_age_ms: deque[float] = deque(maxlen=10_000)
+        self.frames_between: list[float] = []
         self._levels_locked: dict[str, tuple[float, float]] = {}
         self.setWindowTitle("stm-live viewer")
         self.resize(1900, 620)
@@ -156,8 +159,11 @@ class ViewerWindow(QtWidgets.QMainWindow):
 
     def apply(self, msg: Message) -> None:
         self.model.apply(msg)
-        if isinstance(msg, Frame) and self.channel_box.findText(msg.channel) < 0:
-            self.channel_box.addItem(msg.channel)
+        if isinstance(msg, Frame):
+            self.frames_between[1:] = [time.monotonic()]
+            self.frames_between[:1] = self.frames_between[:1] or self.frames_between[1:]
+            if self.channel_box.findText(msg.channel) < 0:
+                self.channel_box.addItem(msg.channel)
 
     # -- output -------------------------------------------------------------------------------
     def _tick(self) -> None:
@@ -176,6 +182,8 @@ class ViewerWindow(QtWidgets.QMainWindow):
             if frame is None:
                 continue
             image = frame.image if name != "uncertainty" else frame.uncertainty
+            if name == "reconstructed":
+                self.frame_age_ms.append((time.time() - frame.t) * 1e3)
             if image is None:
                 self.images[name].clear()
                 self.views[name].setTitle(f"Uncertainty: not reported by the {frame.method} engine")
@@ -188,7 +196,20 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self._show_tip()
         self._show_status()
         self.renders += 1
+        self.render_times.append(time.monotonic())
         self.render_ms.append((time.perf_counter() - started) * 1e3)
+
+    def streaming_stats(self) -> dict[str, float | None]:
+        """Render rate while frames were arriving (first to last frame received) and how old the
+        shown reconstruction was when drawn: together they say whether the viewer kept up."""
+        if len(self.frames_between) < 2 or self.frames_between[1] <= self.frames_between[0]:
+            return {"render_hz_while_streaming": None, "shown_frame_age_ms_p50": None, "shown_frame_age_ms_p99": None}
+        first, last = self.frames_between
+        renders = sum(first <= t <= last for t in self.render_times)
+        ages = np.asarray(self.frame_age_ms) if self.frame_age_ms else np.array([np.nan])
+        return {"render_hz_while_streaming": round(renders / (last - first), 1),
+                "shown_frame_age_ms_p50": round(float(np.percentile(ages, 50)), 1),
+                "shown_frame_age_ms_p99": round(float(np.percentile(ages, 99)), 1)}
 
     def _show(self, name: str, image: np.ndarray, frame: Frame) -> None:
         item = self.images[name]
@@ -357,6 +378,7 @@ def run_viewer(endpoint: str, snapshot_dir: str | None = None, snapshot_every_s:
             "rss_mb_first_quarter_end": round(settled[0], 1) if settled else None,
             "rss_mb_end": round(memory[-1], 1) if memory else None,
             "render_ms_p99": round(float(np.percentile(window.render_ms, 99)), 2) if window.render_ms else None,
+            **window.streaming_stats(),
         }, indent=2))
     if snapshot_dir:
         window.render()
