@@ -1,6 +1,7 @@
 """The viewer, rendered offscreen from a recorded stream (simulator -> daemon) over a real socket."""
 
 import os
+import sys
 import threading
 import time
 
@@ -120,6 +121,30 @@ def test_viewer_renders_a_recorded_stream_received_over_zeromq(qapp, recorded, t
         qapp.processEvents()
         pub.close()
         context.term()
+
+
+def test_rendering_keeps_references_to_none(qapp, recorded):
+    """A live viewer renders for hours: no render may drop a reference it does not own. (PySide6
+    6.12.0 on Python 3.11 dropped several references to None per render, and the viewer died
+    with "deallocating None" within a minute at 30 Hz. From Python 3.12 None is immortal and
+    its count does not move.)"""
+    window = ViewerWindow()
+    window.show()
+    try:
+        for msg in recorded:
+            window.apply(msg)
+        for _ in range(20):
+            window.render()
+            qapp.processEvents()
+        before = sys.getrefcount(None)
+        for _ in range(200):
+            window.render()
+            qapp.processEvents()
+        assert sys.getrefcount(None) - before > -50
+    finally:
+        window.close()
+        window.deleteLater()
+        qapp.processEvents()
 
 
 def test_model_keeps_one_frame_per_slot_and_follows_the_newest_scan(recorded):
