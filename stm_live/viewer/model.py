@@ -76,8 +76,11 @@ class ViewerModel:
 
 
 def robust_levels(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> tuple[float, float]:
-    """Colour levels from percentiles of the finite pixels (spikes do not wash out the frame)."""
-    finite = image[np.isfinite(image)]
+    """Colour levels from percentiles of the finite pixels (spikes do not wash out the frame);
+    read from about 16k of them, evenly spread, which sets levels as well as all of them."""
+    stride = max(1, int(np.sqrt(image.size / 16_384)))
+    sample = image[::stride, ::stride]
+    finite = sample[np.isfinite(sample)]
     if finite.size == 0:
         return 0.0, 1.0
     lo, hi = np.percentile(finite, [low, high])

@@ -57,6 +57,8 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self.frame_age_ms: deque[float] = deque(maxlen=10_000)
         self.frames_between: list[float] = []
         self._levels_locked: dict[str, tuple[float, float]] = {}
+        self._titles: dict[str, str] = {}
+        self._rects: dict[str, tuple] = {}
         self.setWindowTitle("stm-live viewer")
         self.resize(1900, 620)
         self._build()
@@ -186,7 +188,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
                 self.frame_age_ms.append((time.time() - frame.t) * 1e3)
             if image is None:
                 self.images[name].clear()
-                self.views[name].setTitle(f"Uncertainty: not reported by the {frame.method} engine")
+                self._set_title(name, f"Uncertainty: not reported by the {frame.method} engine")
                 continue
             self._show(name, np.asarray(image, np.float32), frame)
         maps = [m for m in (self.model.locmaps.get((channel, d)) for d in ("both", direction)) if m is not None]
@@ -216,19 +218,19 @@ class ViewerWindow(QtWidgets.QMainWindow):
         levels = self._levels_locked.get(name) or robust_levels(image)
         item.setImage(np.nan_to_num(image, nan=levels[0] - 1.0), levels=levels, autoLevels=False)
         width_nm, height_nm = frame.size_nm
-        item.setRect(QtCore.QRectF(0, 0, width_nm, height_nm))
+        self._set_rect(name, width_nm, height_nm)
         if name not in self.scale_bars:
             self.scale_bars[name] = self._scale_bar(name, width_nm)
         title = dict((n, t) for n, _, t in PANELS)[name]
         state = "final" if frame.final else f"{frame.rows_seen} rows"
-        self.views[name].setTitle(f"{title} [{frame.method}, {state}]")
+        self._set_title(name, f"{title} [{frame.method}, {state}]")
 
     def _show_locmap(self, locmap: LocMap) -> None:
         """Density of localizations with the pooled atoms on top; the title says what it rests on."""
         rows, cols = locmap.density.shape
         item = self.images[LOCALIZATION]
         item.setImage(locmap.density, levels=robust_levels(locmap.density, 0.0, 99.9), autoLevels=False)
-        item.setRect(QtCore.QRectF(0, 0, cols * locmap.density_pixel_nm, rows * locmap.density_pixel_nm))
+        self._set_rect(LOCALIZATION, cols * locmap.density_pixel_nm, rows * locmap.density_pixel_nm)
         self.atoms.setData(locmap.atoms[0], locmap.atoms[1])
         x0, y0, x1, y1 = locmap.molecules[:4]
         nan = np.full_like(x0, np.nan)
@@ -242,10 +244,24 @@ class ViewerWindow(QtWidgets.QMainWindow):
         motion = locmap.motion
         drift = (f", drift {60 * motion['drift_x_nm_s']:+.2f}, {60 * motion['drift_y_nm_s']:+.2f} nm/min"
                  if "drift_x_nm_s" in motion else "")
-        self.views[LOCALIZATION].setTitle(
+        self._set_title(LOCALIZATION,
             f"Localization map: INFERRED [{locmap.uid} {locmap.direction}]<br>{locmap.atoms.shape[1]} atoms, "
             f"{locmap.molecules.shape[1]} molecules, {locmap.samples} "
             f"{locmap.method} samples, median precision {precision}, {lattice}{drift}")
+
+    def _set_title(self, name: str, text: str) -> None:
+        """Retitle only on change: a new title re-lays out the whole plot."""
+        if self._titles.get(name) != text:
+            self._titles[name] = text
+            self.views[name].setTitle(text)
+
+    def _set_rect(self, name: str, width_nm: float, height_nm: float) -> None:
+        """Place the image in nm only when its size or pixel count changed: a new rectangle
+        re-ranges the view and its axes."""
+        key = (width_nm, height_nm, self.images[name].width(), self.images[name].height())
+        if self._rects.get(name) != key:
+            self._rects[name] = key
+            self.images[name].setRect(QtCore.QRectF(0, 0, width_nm, height_nm))
 
     def _scale_bar(self, name: str, width_nm: float) -> pg.ScaleBar:
         length = float(10 ** np.floor(np.log10(width_nm / 4)))
