@@ -55,7 +55,8 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self.render_ms: deque[float] = deque(maxlen=10_000)
         self.render_times: deque[float] = deque(maxlen=100_000)
         self.frame_age_ms: deque[float] = deque(maxlen=10_000)
-        self.frames_between: list[float] = []
+        self.first_frame_at: float | None = None
+        self.last_frame_at: float | None = None
         self._levels_locked: dict[str, tuple[float, float]] = {}
         self._titles: dict[str, str] = {}
         self._rects: dict[str, tuple] = {}
@@ -103,6 +104,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
         layout.addWidget(self.graphics, 1)
         self.views: dict[str, pg.PlotItem] = {}
         self.images: dict[str, pg.ImageItem] = {}
+        self.progress: dict[str, pg.TextItem] = {}
         self.scale_bars: dict[str, pg.ScaleBar] = {}
         for column, (name, _, title) in enumerate(PANELS):
             view = self.graphics.addPlot(row=0, col=column, title=title)
@@ -114,6 +116,10 @@ class ViewerWindow(QtWidgets.QMainWindow):
             image.setColorMap(pg.colormap.get("viridis" if name == "uncertainty" else "inferno"))
             view.addItem(image)
             self.views[name], self.images[name] = view, image
+            progress = pg.TextItem(color="w", anchor=(0, 0))
+            progress.setParentItem(view.getViewBox())
+            progress.setPos(4, 4)
+            self.progress[name] = progress
         view = self.graphics.addPlot(row=0, col=len(PANELS), title="Localization map: INFERRED (none yet)")
         view.setAspectLocked(True)
         view.invertY(True)
@@ -162,8 +168,8 @@ class ViewerWindow(QtWidgets.QMainWindow):
     def apply(self, msg: Message) -> None:
         self.model.apply(msg)
         if isinstance(msg, Frame):
-            self.frames_between[1:] = [time.monotonic()]
-            self.frames_between[:1] = self.frames_between[:1] or self.frames_between[1:]
+            self.last_frame_at = time.monotonic()
+            self.first_frame_at = self.first_frame_at or self.last_frame_at
             if self.channel_box.findText(msg.channel) < 0:
                 self.channel_box.addItem(msg.channel)
 
@@ -204,9 +210,9 @@ class ViewerWindow(QtWidgets.QMainWindow):
     def streaming_stats(self) -> dict[str, float | None]:
         """Render rate while frames were arriving (first to last frame received) and how old the
         shown reconstruction was when drawn: together they say whether the viewer kept up."""
-        if len(self.frames_between) < 2 or self.frames_between[1] <= self.frames_between[0]:
+        first, last = self.first_frame_at, self.last_frame_at
+        if first is None or last is None or last <= first:
             return {"render_hz_while_streaming": None, "shown_frame_age_ms_p50": None, "shown_frame_age_ms_p99": None}
-        first, last = self.frames_between
         renders = sum(first <= t <= last for t in self.render_times)
         ages = np.asarray(self.frame_age_ms) if self.frame_age_ms else np.array([np.nan])
         return {"render_hz_while_streaming": round(renders / (last - first), 1),
@@ -222,8 +228,8 @@ class ViewerWindow(QtWidgets.QMainWindow):
         if name not in self.scale_bars:
             self.scale_bars[name] = self._scale_bar(name, width_nm)
         title = dict((n, t) for n, _, t in PANELS)[name]
-        state = "final" if frame.final else f"{frame.rows_seen} rows"
-        self._set_title(name, f"{title} [{frame.method}, {state}]")
+        self._set_title(name, f"{title} [{frame.method}]")
+        self.progress[name].setText("final" if frame.final else f"{frame.rows_seen} rows")
 
     def _show_locmap(self, locmap: LocMap) -> None:
         """Density of localizations with the pooled atoms on top; the title says what it rests on."""
