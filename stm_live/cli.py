@@ -259,6 +259,8 @@ def cmd_view(args: argparse.Namespace) -> int:
 
     settings = _settings(args, {})
     connect = args.connect or settings.daemon.output.replace("*", "127.0.0.1")
+    if args.nice and hasattr(os, "nice"):
+        os.nice(args.nice)
     code = run_viewer(connect, args.snapshots, args.every, args.seconds, args.stats, _security(settings),
                       lambda: bool(stopping))
     # PySide6 can crash while the interpreter finalises its objects; everything is written by now.
@@ -501,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, help="quit after this many seconds")
     p.add_argument("--offscreen", action="store_true", help="render without a display (implied when there is none)")
     p.add_argument("--stats", help="at exit, write render rate and memory use as JSON here")
+    p.add_argument("--nice", type=int, default=10,
+                   help="lower the viewer's CPU priority by this much (POSIX), so that on a busy machine the "
+                        "daemon and the instrument's software come first; 0 = unchanged")
     p.set_defaults(func=cmd_view)
 
     p = sub.add_parser("tap", help="print one JSON line per message on an endpoint")
