@@ -74,17 +74,22 @@ class ModelReconstructor(Reconstructor):
         return out[:, 0], out[:, 1]
 
     def reconstruct(self, measured: np.ndarray, mask: np.ndarray) -> Reconstruction:
+        """The network runs on the rows any frame of the batch can be inferred in (a frame still
+        being scanned costs in proportion to what has been scanned); the rest stays NaN."""
+        spans = [inferable_rows(k) for k in mask]
+        top, bottom = min(s[0] for s in spans), max(s[1] for s in spans)
+        images = np.full(measured.shape, np.nan)
+        uncertainty = np.full(measured.shape, np.nan, dtype=np.float32)
+        if bottom <= top:
+            return Reconstruction(images, uncertainty)
+        measured, mask = measured[:, top:bottom], mask[:, top:bottom]
         transforms = [fit_transform(m, k) for m, k in zip(measured, mask)]
         batch = np.stack([network_input(m, k, t) for m, k, t in zip(measured, mask, transforms)])
         mean, log_var = self._infer(batch)
-        images = np.empty(measured.shape)
-        uncertainty = np.empty(measured.shape, dtype=np.float32)
-        for i, (t, k) in enumerate(zip(transforms, mask)):
-            images[i] = t.inverse(mean[i])
-            uncertainty[i] = np.exp(0.5 * log_var[i]) * t.scale
-            top, bottom = inferable_rows(k)
-            images[i, :top] = images[i, bottom:] = np.nan
-            uncertainty[i, :top] = uncertainty[i, bottom:] = np.nan
+        for i, (t, (first, last)) in enumerate(zip(transforms, spans)):
+            rows = slice(first - top, last - top)
+            images[i, first:last] = t.inverse(mean[i])[rows]
+            uncertainty[i, first:last] = (np.exp(0.5 * log_var[i]) * t.scale)[rows]
         return Reconstruction(images, uncertainty)
 
 
