@@ -64,6 +64,24 @@ def test_model_returns_measured_pixels_exactly_at_any_size(model, held_out, plan
         assert np.isfinite(out).all()
 
 
+def test_a_frame_being_scanned_costs_only_its_scanned_rows(model, held_out):
+    """The network runs on the inferable span: what lies beyond it (never scanned) cannot change
+    the result, so a partial frame reconstructs exactly as the same rows cut out on their own;
+    in a batch, each frame keeps its own span."""
+    frame = held_out[1]
+    mask = parse_plan("lines:4").mask(*frame.shape)
+    mask[70:] = False
+    measured = np.where(mask, frame, np.nan)
+    whole = reconstruct_exact(model, measured[None], mask[None]).images[0]
+    cut = reconstruct_exact(model, measured[None, :80], mask[None, :80]).images[0]
+    np.testing.assert_allclose(whole[:80], cut, rtol=0, atol=1e-9)
+    assert np.isnan(whole[80:]).all() and np.isfinite(whole[:70]).all()
+    longer = parse_plan("lines:4").mask(*frame.shape)
+    batch = reconstruct_exact(model, np.stack([measured, np.where(longer, frame, np.nan)]),
+                              np.stack([mask, longer])).images
+    assert np.isnan(batch[0][80:]).all() and np.isfinite(batch[1]).all()
+
+
 @pytest.mark.parametrize("plan", ["lines:4", "lines:8"])
 def test_model_beats_the_cubic_baseline_on_held_out_simulator_frames(model, held_out, plan):
     gains = []
