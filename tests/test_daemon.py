@@ -153,12 +153,14 @@ class HangingEngine(Reconstructor):
         return Reconstruction(np.zeros(measured.shape))
 
 
-def _run_scan(harness, uid, frame):
+def _run_scan(harness, uid, frame, rows=None, end=True):
+    """A scan of `frame`'s shape: its first `rows` rows (all by default), forward, then its end."""
     pub = harness.publisher
     pub.scan_start(scan_start(uid, rows=frame.shape[0], cols=frame.shape[1]))
-    for row in range(frame.shape[0]):
+    for row in range(frame.shape[0] if rows is None else rows):
         pub.line(uid, row, "forward", CHANNELS, [frame[row], frame[row]])
-    pub.scan_end(uid)
+    if end:
+        pub.scan_end(uid)
 
 
 def _engine_harness(settings, monkeypatch, engine, fallback="classical"):
@@ -256,10 +258,7 @@ def test_a_stalled_subscriber_does_not_hold_up_the_daemon_or_other_subscribers(s
     try:
         stalled.connect(settings.daemon.output)
         frame = make_frame(128, 128)
-        h.publisher.scan_start(scan_start("busy", rows=128, cols=128))
-        for row in range(128):
-            h.publisher.line("busy", row, "forward", CHANNELS, [frame[row], frame[row]])
-        h.publisher.scan_end("busy")
+        _run_scan(h, "busy", frame)
         h.listener.until(lambda ms: any(f.final for f in h.listener.frames(uid="busy", kind="reconstructed")),
                          what="the final frame at the healthy subscriber")
         status = h.status_after(lambda s: s.counters["scans_completed"] == 1)
@@ -277,10 +276,7 @@ def test_a_scan_whose_instrument_falls_silent_is_closed_as_aborted(settings):
     context = zmq.Context()
     h = Harness(settings, context).start()
     try:
-        frame = make_frame(8, 8)
-        h.publisher.scan_start(scan_start("orphaned", rows=8, cols=8))
-        for row in range(3):
-            h.publisher.line("orphaned", row, "forward", CHANNELS, [frame[row], frame[row]])
+        _run_scan(h, "orphaned", make_frame(8, 8), rows=3, end=False)
         status = h.status_after(lambda s: s.counters["scans_aborted"] == 1 and not s.active_scans)
         assert status.counters["lines"] == 3
         h5 = h.daemon.recorder.directory / "orphaned.h5"
@@ -336,10 +332,8 @@ def test_progressive_frames_are_rate_limited_and_held_lines_follow(settings):
     h = Harness(settings, context).start()
     try:
         frame = make_frame(64, 16)
-        h.publisher.scan_start(scan_start("fast", rows=64, cols=16))
         started = time.monotonic()
-        for row in range(64):
-            h.publisher.line("fast", row, "forward", CHANNELS, [frame[row], frame[row]])
+        _run_scan(h, "fast", frame, end=False)
         newest = lambda: [f for f in h.listener.frames(uid="fast", kind="reconstructed", channel="Z")
                           if f.rows_seen == 64]
         h.listener.until(lambda ms: bool(newest()), what="a progressive frame with every line")
