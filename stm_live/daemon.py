@@ -3,8 +3,9 @@
 Data flows one way. The ingest thread receives a message, decodes it strictly, appends it to
 the scan's journal (before anything else happens to it), then routes it to the frame assembler;
 every `reconstruct_every_lines` lines (at most `progressive_max_hz` times a second per scan
-direction; lines held back by that limit follow as soon as it allows) and at scan end it hands a
-snapshot to the scheduler, at scan end the final height frames to the localization thread, and every line to the tip monitor.
+direction; lines held back by that limit follow as soon as it allows) and at scan end it hands
+a snapshot to the scheduler, at scan end the final height frames to the localization thread,
+and every line to the tip monitor.
 The reconstruction, localization and tip-monitor threads send their messages (frames; locmaps;
 tip readings, alerts, actions) back over an inproc socket, and the ingest thread, the
 only owner of the output socket, publishes them with heartbeats and status.
