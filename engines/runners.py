@@ -1,10 +1,11 @@
 """Inference backends for the learned model: one runner interface, several implementations.
 
-A runner has a life cycle (activate, infer, deactivate) and maps a (B, 2, H, W) float32 batch to
-the network's (B, 2, H, W) output. `auto` takes the first that loads from AUTO_ORDER: TensorRT
-where it is installed with a GPU, else PyTorch on CUDA, else ONNX Runtime (measured on the 2-core
-development machine at 256x256: 23.5 ms against PyTorch's 32.8 ms at batch 1, 92 against 175 ms
-at batch 4), else PyTorch on the CPU. The TensorRT and CUDA paths have not yet run on a GPU in
+A runner has a life cycle (activate, infer, deactivate) and maps a (B, C, H, W) float32 batch
+(C = len(INPUTS): value, mask, classical fill) to the network's (B, 2, H, W) output. `auto`
+takes the first that loads from AUTO_ORDER: TensorRT where it is installed with a GPU, else
+PyTorch on CUDA, else ONNX Runtime (measured on the 2-core development machine at 256x256, the
+earlier two-input network: 23.5 ms against PyTorch's 32.8 ms at batch 1, 92 against 175 ms at
+batch 4), else PyTorch on the CPU. The TensorRT and CUDA paths have not yet run on a GPU in
 this project: their parity tests (tests/test_engine_parity.py) run wherever they load.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stm_live.models.architecture import INPUTS
 from stm_live.models.weights import DEFAULT_WEIGHTS, load_model
 
 log = logging.getLogger(__name__)
@@ -181,7 +183,8 @@ class TensorRTRunner(Runner):
         self.trt, self.torch = trt, torch
         self.logger = trt.Logger(trt.Logger.WARNING)
         (b_min, b_opt, b_max), (s_min, s_opt, s_max) = self.options.trt_batch, self.options.trt_size_px
-        self.profile = ((b_min, 2, s_min, s_min), (b_opt, 2, s_opt, s_opt), (b_max, 2, s_max, s_max))
+        c = len(INPUTS)
+        self.profile = ((b_min, c, s_min, s_min), (b_opt, c, s_opt, s_opt), (b_max, c, s_max, s_max))
         digest = _digest(self.weights)
         gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name())
         shape_key = "-".join("x".join(map(str, dims)) for dims in self.profile)

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stm_live.engines.base import EngineError, Reconstruction, Reconstructor, inferable_rows
+from stm_live.engines.base import EngineError, Reconstruction, Reconstructor, inferable_rows, serial_blas
 from stm_live.engines.runners import BACKENDS, Runner, RunnerOptions, backend_chain
-from stm_live.models.architecture import MIN_SIZE, SIZE_MULTIPLE
+from stm_live.models.architecture import INPUTS, MIN_SIZE, SIZE_MULTIPLE
 from stm_live.models.normalize import fit_transform, network_input
 from stm_live.models.weights import DEFAULT_WEIGHTS, load_model
 
@@ -74,22 +74,29 @@ class ModelReconstructor(Reconstructor):
         return out[:, 0], out[:, 1]
 
     def reconstruct(self, measured: np.ndarray, mask: np.ndarray) -> Reconstruction:
+        with serial_blas():
+            return self._reconstruct(measured, mask)
+
+    def _reconstruct(self, measured: np.ndarray, mask: np.ndarray) -> Reconstruction:
         """The network runs on the rows any frame of the batch can be inferred in (a frame still
-        being scanned costs in proportion to what has been scanned); the rest stays NaN."""
+        being scanned costs in proportion to what has been scanned) and on the columns around
+        the measured ones (a batcher's padding is mostly left out); the rest stays NaN."""
         spans = [inferable_rows(k) for k in mask]
         top, bottom = min(s[0] for s in spans), max(s[1] for s in spans)
+        left, right = inferable_rows(mask.any(axis=0).T)
         images = np.full(measured.shape, np.nan)
         uncertainty = np.full(measured.shape, np.nan, dtype=np.float32)
         if bottom <= top:
             return Reconstruction(images, uncertainty)
-        measured, mask = measured[:, top:bottom], mask[:, top:bottom]
+        window = (slice(top, bottom), slice(left, right))
+        measured, mask = measured[:, window[0], window[1]], mask[:, window[0], window[1]]
         transforms = [fit_transform(m, k) for m, k in zip(measured, mask)]
         batch = np.stack([network_input(m, k, t) for m, k, t in zip(measured, mask, transforms)])
         mean, log_var = self._infer(batch)
         for i, (t, (first, last)) in enumerate(zip(transforms, spans)):
             rows = slice(first - top, last - top)
-            images[i, first:last] = t.inverse(mean[i])[rows]
-            uncertainty[i, first:last] = (np.exp(0.5 * log_var[i]) * t.scale)[rows]
+            images[i, first:last, window[1]] = t.inverse(mean[i])[rows]
+            uncertainty[i, first:last, window[1]] = (np.exp(0.5 * log_var[i]) * t.scale)[rows]
         return Reconstruction(images, uncertainty)
 
 
@@ -97,7 +104,7 @@ def export_onnx(path: str, weights: Path = DEFAULT_WEIGHTS, opset: int = 17, hal
     """ONNX with dynamic batch, height and width (multiples of the size multiple); `half` exports
     fp16 weights and input/output (traced on the GPU, which half convolutions need)."""
     model, _ = load_model(weights)
-    example = torch.zeros(1, 2, 64, 64)
+    example = torch.zeros(1, len(INPUTS), 64, 64)
     if half:
         if not torch.cuda.is_available():
             raise EngineError("an fp16 ONNX export is traced on a CUDA device; none is present")

@@ -6,8 +6,8 @@ call. Frames are grouped by a bucketed size: each side is padded up to a multipl
 `bucket_px`, so a stream of slightly different frame sizes reuses a few shapes (a compiled or
 graph-captured engine builds one per shape) instead of churning through many. The padding is
 unmeasured (mask False), so no engine treats it as data: the classical engines give exactly the
-unpadded result, and the network sees what its own size padding gives it. The result is cropped
-back; measured pixels are restored as always (`reconstruct_exact`).
+unpadded result, and the network leaves it out but for one row or column at the far edges. The
+result is cropped back; measured pixels are restored as always (`reconstruct_exact`).
 A group larger than `max_batch` is split; batches run oldest first, so every scan's frames come
 back in the order they were taken.
 """

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from stm_live.engines.runners import BACKENDS, RunnerOptions, TorchRunner
+from stm_live.models.architecture import INPUTS
 from stm_live.models.weights import DEFAULT_WEIGHTS
 
-SHAPES = [(1, 2, 64, 64), (3, 2, 96, 128), (8, 2, 256, 256)]
+SHAPES = [(1, 64, 64), (3, 96, 128), (8, 256, 256)]  # batch, height, width
 CASES = [
     ("onnxruntime", False, True, 1e-4),
     ("torch-cuda", False, False, 1e-4),
@@ -42,14 +43,14 @@ def test_backend_matches_pytorch_fp32(reference, tmp_path, backend, half, graphs
         pytest.skip(f"{backend} does not load here: {type(exc).__name__}: {exc}")
     rng = np.random.default_rng(0)
     try:
-        for shape in SHAPES:
+        for b, h, w in SHAPES:
             for _ in range(2):
-                batch = rng.standard_normal(shape).astype(np.float32)
-                batch[:, 1] = rng.random(shape[:1] + shape[2:]) < 0.25
+                batch = rng.standard_normal((b, len(INPUTS), h, w)).astype(np.float32)
+                batch[:, 1] = rng.random((b, h, w)) < 0.25
                 got = runner.infer(batch)
-                assert got.shape == shape and np.isfinite(got).all(), f"{runner.name} gave NaN or a wrong shape"
+                assert got.shape == (b, 2, h, w) and np.isfinite(got).all(), f"{runner.name} gave NaN or a wrong shape"
                 error = relative_error(got, reference.infer(batch))
-                assert error < tolerance, f"{runner.name} {shape}: relative error {error:.2e}"
+                assert error < tolerance, f"{runner.name} {batch.shape}: relative error {error:.2e}"
     finally:
         runner.deactivate()
 
@@ -63,8 +64,9 @@ def test_a_batch_beyond_the_tensorrt_profile_is_refused_before_it_reaches_the_gp
     except Exception as exc:
         pytest.skip(f"tensorrt does not load here: {type(exc).__name__}: {exc}")
     try:
-        assert runner.infer(np.zeros((9, 2, 64, 64), np.float32)).shape == (9, 2, 64, 64), "large batches run in chunks"
+        c = len(INPUTS)
+        assert runner.infer(np.zeros((9, c, 64, 64), np.float32)).shape == (9, 2, 64, 64), "large batches run in chunks"
         with pytest.raises(RuntimeError, match="outside the TensorRT profile"):
-            runner.infer(np.zeros((1, 2, 256, 256), np.float32))
+            runner.infer(np.zeros((1, c, 256, 256), np.float32))
     finally:
         runner.deactivate()

@@ -10,7 +10,7 @@ from stm_live.engines import create_engine, reconstruct_exact
 from stm_live.engines.classical import ClassicalReconstructor
 from stm_live.engines.torch_model import ModelReconstructor, export_onnx
 from stm_live.metrics import quality
-from stm_live.models.architecture import SIZE_MULTIPLE, MaskedUNet
+from stm_live.models.architecture import INPUTS, SIZE_MULTIPLE, MaskedUNet
 from stm_live.models.training import TrainConfig, random_mask, train
 from stm_live.models.weights import DEFAULT_WEIGHTS
 from stm_live.plans import parse_plan
@@ -33,7 +33,7 @@ def held_out():
 def test_architecture_is_fully_convolutional():
     net = MaskedUNet(8).eval()
     for h, w in ((32, 48), (64, 32)):
-        assert net(torch.zeros(3, 2, h, w)).shape == (3, 2, h, w)
+        assert net(torch.zeros(3, len(INPUTS), h, w)).shape == (3, 2, h, w)
 
 
 def test_tiny_frames_are_padded_not_refused(model):
@@ -113,9 +113,9 @@ def test_onnx_export_runs_in_onnxruntime_with_dynamic_shapes(tmp_path):
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     net, _ = __import__("stm_live.models.weights", fromlist=["load_model"]).load_model()
     rng = np.random.default_rng(0)
-    for shape in ((1, 2, 64, 64), (3, 2, 48, 96)):
-        x = rng.normal(size=shape).astype(np.float32)
-        x[:, 1] = rng.random((shape[0], *shape[2:])) < 0.3
+    for b, h, w in ((1, 64, 64), (3, 48, 96)):
+        x = rng.normal(size=(b, len(INPUTS), h, w)).astype(np.float32)
+        x[:, 1] = rng.random((b, h, w)) < 0.3
         ours = session.run(None, {"input": x})[0]
         with torch.inference_mode():
             reference = net(torch.from_numpy(x)).numpy()
@@ -215,3 +215,18 @@ def test_engines_command_lists_backends_and_reasons():
     assert set(rows) == {"torch-cuda", "onnxruntime", "torch-cpu", "tensorrt"}
     assert " yes " in rows["onnxruntime"] and " yes " in rows["torch-cpu"]
     assert "tensorrt" in rows and " no " in rows["tensorrt"]
+
+
+@pytest.mark.parametrize("plan", ["lines:4", "partial:40", "sr:4"])
+def test_the_network_corrects_the_classical_engine_fill(plan):
+    """The residual the network learns sits on the classical engine's own answer for line and
+    grid plans, so a network that outputs nothing is the classical baseline."""
+    from stm_live.engines.base import inferable_rows
+    from stm_live.engines.classical import reconstruct_one
+    from stm_live.models.prefill import prefill
+
+    values = np.random.default_rng(5).normal(size=(96, 80))
+    mask = parse_plan(plan).mask(*values.shape)
+    top, bottom = inferable_rows(mask)
+    np.testing.assert_allclose(prefill(values, mask)[top:bottom], reconstruct_one(values, mask)[top:bottom],
+                               rtol=0, atol=1e-12)

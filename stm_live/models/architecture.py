@@ -1,8 +1,10 @@
 """MaskedUNet: a small, fully convolutional, mask-conditioned reconstruction network.
 
-Input (B, 2, H, W): measured values (already normalised, 0 where unmeasured) and the mask of
-measured pixels. Inside, two normalised convolutions (a masked Gaussian fill at 2 and 6 px) give
-the network a cheap interpolation to correct, so it learns a residual. A 2x space-to-depth stem
+Input (B, 3, H, W): measured values (already normalised, 0 where unmeasured), the mask of
+measured pixels, and the classical fill of the values (stm_live.models.prefill: a cubic spline
+along the slow axis for line plans). The network predicts a residual over that fill, so it
+starts from the best classical answer; two normalised convolutions inside (masked Gaussian fills
+at 2 and 6 px) add smooth context. A 2x space-to-depth stem
 keeps the cost low at full resolution; three U-Net levels see far enough to bridge 8-row gaps.
 Output (B, 2, H, W): the mean and the log-variance of each pixel. H and W must be multiples of
 SIZE_MULTIPLE and at least MIN_SIZE. Pure nn.Module, no training code, exportable to ONNX with dynamic batch and size.
@@ -17,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 SIZE_MULTIPLE = 16
+INPUTS = ("value", "mask", "prefill")
 MIN_SIZE = 32  # the coarse fill's reflect padding (18 px) needs frames larger than itself
 
 
@@ -61,7 +64,7 @@ class MaskedUNet(nn.Module):
         self.fill_fine = NormalizedConvolution(2.0)
         self.fill_coarse = NormalizedConvolution(6.0)
         self.unshuffle = nn.PixelUnshuffle(2)
-        self.stem = _block(4 * 4, w)
+        self.stem = _block(5 * 4, w)
         self.enc2 = _block(w, 2 * w)
         self.enc3 = _block(2 * w, 4 * w)
         self.bottom = _block(4 * w, 4 * w)
@@ -72,10 +75,10 @@ class MaskedUNet(nn.Module):
         self.shuffle = nn.PixelShuffle(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, mask = x[:, :1], x[:, 1:2]
+        value, mask, base = x[:, :1], x[:, 1:2], x[:, 2:3]
         fine = self.fill_fine(value, mask)
         coarse = self.fill_coarse(value, mask)
-        features = self.unshuffle(torch.cat([value * mask, mask, fine, coarse], dim=1))
+        features = self.unshuffle(torch.cat([value * mask, mask, base, fine, coarse], dim=1))
         s1 = self.stem(features)
         s2 = self.enc2(F.max_pool2d(s1, 2))
         s3 = self.enc3(F.max_pool2d(s2, 2))
@@ -84,6 +87,6 @@ class MaskedUNet(nn.Module):
         d2 = self.dec2(torch.cat([F.interpolate(d3, scale_factor=2.0, mode="nearest"), s2], dim=1))
         d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0, mode="nearest"), s1], dim=1))
         out = self.shuffle(self.head(d1))
-        mean = fine + out[:, :1]
+        mean = base + out[:, :1]
         log_var = out[:, 1:2].clamp(-6.0, 4.0)
         return torch.cat([mean, log_var], dim=1)

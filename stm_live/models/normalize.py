@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stm_live.models.prefill import prefill
+
 
 @dataclass(frozen=True)
 class Transform:
@@ -44,6 +46,7 @@ def fit_transform(image: np.ndarray, mask: np.ndarray, max_points: int = 4096) -
 
 
 def network_input(image: np.ndarray, mask: np.ndarray, transform: Transform) -> np.ndarray:
-    """(2, H, W) float32: normalised measured values (0 where unmeasured) and the mask."""
+    """(3, H, W) float32: normalised measured values (0 where unmeasured), the mask, and the
+    classical fill of the values that the network corrects (stm_live.models.prefill)."""
     values = np.where(mask, transform.forward(np.where(mask, image, 0.0)), 0.0)
-    return np.stack([values, mask]).astype(np.float32)
+    return np.stack([values, mask, prefill(values, mask)]).astype(np.float32)

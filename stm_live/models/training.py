@@ -32,12 +32,14 @@ log = logging.getLogger(__name__)
 
 CLIP = 20.0  # normalised units: spikes of an unstable tip beyond this carry no shape to learn
 
-DEFAULT_REAL_TRAINING = ("Si_7x7_028.sxm", "Au_mica_diPAMY_195.sxm", "qplus_A151216_02602.sxm")
+# Real scans with a height channel (the Au/mica and qPlus files are constant-height scans, flat in
+# Z); Si_7x7_051 and Si_7x7_032 are held out for evaluation.
+DEFAULT_REAL_TRAINING = ("Si_7x7_028.sxm", "Si_7x7_012.sxm", "Au111_pySPM_test.sxm")
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/masked-unet"
+    out_dir: str = "runs/masked-unet-prefill"
     weights: str = "stm_live/models/weights/masked_unet.safetensors"
     data_dir: str = "data/sim-train"
     sim_frames: int = 2048
@@ -46,7 +48,7 @@ class TrainConfig:
     real_files: list[str] = field(default_factory=lambda: list(DEFAULT_REAL_TRAINING))
     real_fraction: float = 0.15
     width: int = 32
-    steps: int = 12000
+    steps: int = 8000
     batch: int = 8
     crop: int = 128
     lr: float = 1e-3

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from stm_live.models.architecture import SIZE_MULTIPLE, MaskedUNet
+from stm_live.models.architecture import INPUTS, SIZE_MULTIPLE, MaskedUNet
 
 DEFAULT_WEIGHTS = Path(__file__).with_name("weights") / "masked_unet.safetensors"
 
@@ -15,7 +15,7 @@ DEFAULT_WEIGHTS = Path(__file__).with_name("weights") / "masked_unet.safetensors
 def save_weights(model: MaskedUNet, path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
-    descriptor = {"architecture": "MaskedUNet", "size_multiple": SIZE_MULTIPLE, "inputs": ["value", "mask"],
+    descriptor = {"architecture": "MaskedUNet", "size_multiple": SIZE_MULTIPLE, "inputs": list(INPUTS),
                   "outputs": ["mean", "log_variance"], "half_precision_safe": False, **meta}
     path.with_suffix(".json").write_text(json.dumps(descriptor, indent=2) + "\n")
 
