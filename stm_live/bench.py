@@ -260,57 +260,93 @@ def bench_tip(cols: int = 512, rows: int = 512, hop: int = 2, threads: int = 1) 
             "machine": machine()}
 
 
-def bench_view(rate: float = 10_000.0, cols: int = 256, seconds: float = 20.0) -> dict[str, Any]:
+def bench_view(rate: float = 10_000.0, cols: int = 256, seconds: float = 20.0, repeats: int = 1) -> dict[str, Any]:
     """The daemon with and without a live viewer attached, at `rate` lines/s of `cols` pixels.
 
     Each run: the daemon (classical engine, a reconstruction every 16 lines) fed by a sender
-    process; in the second run a `stm-live view` process (offscreen) subscribes too and reports
-    its render rate and memory. The daemon's reconstruction latency and drops are compared.
+    process; in runs with the viewer a `stm-live view` process (offscreen) subscribes too and
+    reports its render rate, CPU time, memory and missed messages. Runs alternate without / with
+    the viewer `repeats` times, so both see the same machine; the summary gives each arm's median
+    and range. A last run freezes the viewer (SIGSTOP) while the lines stream: what a hung viewer
+    costs the daemon in memory and latency, and what the viewer counts as missed once it thaws.
     """
+    runs: dict[str, list[dict[str, Any]]] = {"without_viewer": [], "with_viewer": []}
+    for _ in range(repeats):
+        for viewer in ("none", "live"):
+            runs["with_viewer" if viewer == "live" else "without_viewer"].append(_view_run(rate, cols, seconds, viewer))
+    runs["frozen_viewer"] = [_view_run(rate, cols, seconds, "frozen")]
+    summary = {}
+    for arm, results in runs.items():
+        summary[arm] = {}
+        for stat in ("p50", "p99"):
+            values = [r["reconstruction_latency_ms"][stat] for r in results]
+            summary[arm][f"latency_{stat}_ms"] = {"median": round(float(np.median(values)), 2),
+                                                   "min": min(values), "max": max(values)}
+        summary[arm]["lines_lost"] = sum(r["lines_offered"] - r["lines_received"] for r in results)
+        summary[arm]["daemon_rss_growth_mb_max"] = max(r["daemon_rss_mb"]["peak"] - r["daemon_rss_mb"]["start"]
+                                                       for r in results)
+    return {"benchmark": "view", "rate": rate, "cols": cols, "seconds": seconds, "repeats": repeats,
+            "summary": summary, **runs, "machine": machine()}
+
+
+def _view_run(rate: float, cols: int, seconds: float, viewer_mode: str) -> dict[str, Any]:
+    """One run of `bench_view` with no viewer ("none"), a live one ("live") or one stopped while
+    the lines stream ("frozen"). `daemon_cpu_s` and `daemon_rss_mb` are this process's, i.e. the
+    daemon's threads (the sender and the viewer are processes of their own)."""
     import json
+    import signal
     import subprocess
     import sys
 
     lines = int(rate * seconds)
-    runs: dict[str, Any] = {}
-    for attached in (False, True):
-        endpoint, output = free_tcp_endpoint(), free_tcp_endpoint()
-        with tempfile.TemporaryDirectory(prefix="stm-live-bench-view-") as work:
-            cfg = Settings()
-            cfg.daemon.input, cfg.daemon.output, cfg.daemon.record_dir = endpoint, output, work
-            cfg.daemon.export_hdf5 = False
-            context = zmq.Context()
-            daemon, thread = _started_daemon(cfg, context)
-            viewer = None
-            stats = Path(work) / "viewer.json"
-            if attached:
-                viewer = subprocess.Popen([sys.executable, "-m", "stm_live", "--log-level", "WARNING", "view",
-                                           "--connect", output, "--offscreen", "--stats", str(stats)])
-                time.sleep(5.0)
-            sent = mp.get_context("spawn").Value("q", 0)
-            sender = mp.get_context("spawn").Process(target=_send_lines, args=(endpoint, lines, cols, 2, rate, sent))
-            started = time.perf_counter()
-            sender.start()
-            sender.join(seconds * 5 + 60)
-            while daemon.counters["lines"] < lines and not _idle_for(daemon, 2.0):
-                pass
-            elapsed = time.perf_counter() - started
-            time.sleep(1.0)
-            latency = daemon.scheduler.latency.summary()
-            if viewer is not None:
-                viewer.terminate()
-                viewer.wait(60)
-            daemon.stop()
-            thread.join(60)
-            context.term()
-            runs["with_viewer" if attached else "without_viewer"] = {
-                "lines_received": daemon.counters["lines"], "lines_offered": int(sent.value),
-                "seconds": round(elapsed, 2), "frames_published": daemon.scheduler.counters["frames_published"],
-                "reconstruction_latency_ms": {k: round(v * 1e3, 2) for k, v in latency.items() if k != "n"},
-                "dropped": sum(daemon.drops.counts.values()),
-                **({"viewer": json.loads(stats.read_text())} if attached and stats.exists() else {}),
-            }
-    return {"benchmark": "view", "rate": rate, "cols": cols, "seconds": seconds, **runs, "machine": machine()}
+    endpoint, output = free_tcp_endpoint(), free_tcp_endpoint()
+    with tempfile.TemporaryDirectory(prefix="stm-live-bench-view-") as work:
+        cfg = Settings()
+        cfg.daemon.input, cfg.daemon.output, cfg.daemon.record_dir = endpoint, output, work
+        cfg.daemon.export_hdf5 = False
+        context = zmq.Context()
+        daemon, thread = _started_daemon(cfg, context)
+        viewer = None
+        stats = Path(work) / "viewer.json"
+        if viewer_mode != "none":
+            viewer = subprocess.Popen([sys.executable, "-m", "stm_live", "--log-level", "WARNING", "view",
+                                       "--connect", output, "--offscreen", "--stats", str(stats)])
+            time.sleep(5.0)
+            if viewer_mode == "frozen":
+                os.kill(viewer.pid, signal.SIGSTOP)
+        sent = mp.get_context("spawn").Value("q", 0)
+        sender = mp.get_context("spawn").Process(target=_send_lines, args=(endpoint, lines, cols, 2, rate, sent))
+        rss_start = rss_peak = _rss_mb(os.getpid())
+        started, cpu_started = time.perf_counter(), time.process_time()
+        sender.start()
+        deadline = time.monotonic() + seconds * 5 + 60
+        while sender.is_alive() and time.monotonic() < deadline:
+            sender.join(0.5)
+            rss_peak = max(rss_peak, _rss_mb(os.getpid()))
+        while daemon.counters["lines"] < lines and not _idle_for(daemon, 2.0):
+            pass
+        elapsed, daemon_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+        rss_peak = max(rss_peak, _rss_mb(os.getpid()))
+        if viewer_mode == "frozen":
+            os.kill(viewer.pid, signal.SIGCONT)
+            time.sleep(3.0)  # thawed: it drains what was left and hears a status, which tells it what it missed
+        time.sleep(1.0)
+        latency = daemon.scheduler.latency.summary()
+        if viewer is not None:
+            viewer.terminate()
+            viewer.wait(60)
+        daemon.stop()
+        thread.join(60)
+        context.term()
+        return {
+            "lines_received": daemon.counters["lines"], "lines_offered": int(sent.value),
+            "seconds": round(elapsed, 2), "daemon_cpu_s": round(daemon_cpu_s, 2),
+            "daemon_rss_mb": {"start": round(rss_start, 1), "peak": round(rss_peak, 1)},
+            "frames_published": daemon.scheduler.counters["frames_published"],
+            "reconstruction_latency_ms": {k: round(v * 1e3, 2) for k, v in latency.items() if k != "n"},
+            "dropped": sum(daemon.drops.counts.values()),
+            **({"viewer": json.loads(stats.read_text())} if viewer is not None and stats.exists() else {}),
+        }
 
 
 def _rss_mb(pid: int) -> float:

@@ -335,7 +335,7 @@ def cmd_bench_tip(args: argparse.Namespace) -> int:
 def cmd_bench_view(args: argparse.Namespace) -> int:
     from stm_live.bench import bench_view
 
-    _print_json(bench_view(args.rate, args.cols, args.seconds), args.json)
+    _print_json(bench_view(args.rate, args.cols, args.seconds, args.repeats), args.json)
     return 0
 
 
@@ -578,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rate", type=float, default=10_000.0, help="lines/s offered")
     b.add_argument("--cols", type=int, default=256)
     b.add_argument("--seconds", type=float, default=20.0)
+    b.add_argument("--repeats", type=int, default=3, help="pairs of runs, without and with the viewer, alternating")
     b.add_argument("--json", help="write the result here too")
     b.set_defaults(func=cmd_bench_view)
 

@@ -120,7 +120,8 @@ class LimitSettings(_Section):
 
 class ZmqSettings(_Section):
     input_hwm: int = Field(1_000_000, ge=0, description="input queue bound in messages (0 = unbounded)")
-    output_hwm: int = Field(10_000, ge=0, description="per-subscriber output queue bound in messages")
+    output_hwm: int = Field(200, ge=0, description="per-subscriber output queue bound in messages: a stalled "
+                            "subscriber holds at most this many in the daemon's memory")
     linger_ms: int = Field(1000, ge=0)
 
 

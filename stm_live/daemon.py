@@ -97,6 +97,7 @@ class Daemon:
         self.counters = dict.fromkeys(
             ("received", "recorded", "record_errors", "lines", "scans_started", "scans_completed",
              "scans_aborted", "scans_resumed", "out_of_order", "missing_lines", "heartbeats_in"), 0)
+        self.published: dict[str, int] = {}
         self.instrument_seen: dict[str, float] = {}
         self.state = "starting"
         self.record_error: str | None = None
@@ -353,12 +354,19 @@ class Daemon:
     def _forward(self, results: zmq.Socket, pub: zmq.Socket) -> None:
         while True:
             try:
-                pub.send_multipart(results.recv_multipart(zmq.NOBLOCK, copy=False), copy=False)
+                self._send(pub, results.recv_multipart(zmq.NOBLOCK, copy=False))
             except zmq.Again:
                 return
 
     def _publish(self, pub: zmq.Socket, msg: Heartbeat | Status) -> None:
-        pub.send_multipart(encode(msg), copy=False)
+        self._send(pub, encode(msg))
+
+    def _send(self, pub: zmq.Socket, frames: list) -> None:
+        """Every output message goes through here, counted per topic: a subscriber compares the
+        counts in `status` with what it received to learn how many of its messages ZeroMQ dropped."""
+        topic = bytes(frames[0].buffer if isinstance(frames[0], zmq.Frame) else frames[0]).decode("ascii")
+        self.published[topic] = self.published.get(topic, 0) + 1
+        pub.send_multipart(frames, copy=False)
 
     def status(self) -> Status:
         if self.state in ("idle", "acquiring"):
@@ -370,6 +378,7 @@ class Daemon:
         if self.localize is not None:
             counters.update(self.localize.counters)
         counters["dropped"] = sum(self.drops.counts.values())
+        counters.update({f"published_{topic}": count for topic, count in self.published.items()})
         latency = {k: v for k, v in self.scheduler.latency.summary().items() if k != "n"}
         if self.record_error:
             counters["record_error_active"] = 1

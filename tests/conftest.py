@@ -135,3 +135,13 @@ def make_frame(rows: int = 32, cols: int = 32, seed: int = 0) -> np.ndarray:
     y, x = np.mgrid[0:rows, 0:cols]
     rng = np.random.default_rng(seed)
     return (np.sin(x / 3.0 + rng.uniform(0, 6)) * np.cos(y / 4.0) + 0.01 * rng.normal(size=(rows, cols))).astype(np.float32)
+
+
+def run_scan(harness, uid, frame, rows=None, end=True):
+    """A scan of `frame`'s shape: its first `rows` rows (all by default), forward, then its end."""
+    pub = harness.publisher
+    pub.scan_start(scan_start(uid, rows=frame.shape[0], cols=frame.shape[1]))
+    for row in range(frame.shape[0] if rows is None else rows):
+        pub.line(uid, row, "forward", CHANNELS, [frame[row], frame[row]])
+    if end:
+        pub.scan_end(uid)

@@ -13,7 +13,7 @@ from stm_live.protocol import Decoder, Frame, Line, Truth
 from stm_live.recorder import read_journal
 from stm_live.sim.instrument import SimInstrument
 
-from conftest import CHANNELS, Harness, make_frame, scan_start, wait_for
+from conftest import CHANNELS, Harness, make_frame, run_scan, scan_start, wait_for
 
 
 def test_sim_to_daemon_to_subscriber(settings):
@@ -153,16 +153,6 @@ class HangingEngine(Reconstructor):
         return Reconstruction(np.zeros(measured.shape))
 
 
-def _run_scan(harness, uid, frame, rows=None, end=True):
-    """A scan of `frame`'s shape: its first `rows` rows (all by default), forward, then its end."""
-    pub = harness.publisher
-    pub.scan_start(scan_start(uid, rows=frame.shape[0], cols=frame.shape[1]))
-    for row in range(frame.shape[0] if rows is None else rows):
-        pub.line(uid, row, "forward", CHANNELS, [frame[row], frame[row]])
-    if end:
-        pub.scan_end(uid)
-
-
 def _engine_harness(settings, monkeypatch, engine, fallback="classical"):
     monkeypatch.setitem(ENGINES, engine.name, lambda threads, backend: engine)
     settings.daemon.engine, settings.daemon.engine_fallback = engine.name, fallback
@@ -176,7 +166,7 @@ def test_a_failing_engine_hands_every_frame_to_the_fallback(settings, monkeypatc
     harness, context = _engine_harness(settings, monkeypatch, FailingEngine())
     try:
         frame = make_frame(16, 8)
-        _run_scan(harness, "crashy", frame)
+        run_scan(harness, "crashy", frame)
         status = harness.status_after(lambda s: s.counters["scans_completed"] == 1 and s.counters["engine_errors"] >= 1)
         assert status.counters["lines"] == 16 and status.state in ("idle", "acquiring")
         finals = lambda: [f for f in harness.listener.frames(uid="crashy") if f.final]
@@ -195,7 +185,7 @@ def test_a_failing_engine_without_fallback_costs_reconstructions_only(settings, 
     harness, context = _engine_harness(settings, monkeypatch, FailingEngine(), fallback="none")
     try:
         frame = make_frame(16, 8)
-        _run_scan(harness, "crashy", frame)
+        run_scan(harness, "crashy", frame)
         status = harness.status_after(lambda s: s.counters["scans_completed"] == 1
                                       and s.counters["reconstructions_failed"] >= 1)
         assert status.counters["engine_errors"] == status.counters["reconstructions_failed"]
@@ -216,7 +206,7 @@ def test_a_hanging_engine_times_out_and_no_frame_is_lost(settings, monkeypatch):
     try:
         frame = make_frame(16, 8)
         for uid in ("wedged-0", "wedged-1"):
-            _run_scan(harness, uid, frame)
+            run_scan(harness, uid, frame)
         finals = lambda: [f for f in harness.listener.frames() if f.final and f.kind == "reconstructed"]
         harness.listener.until(lambda ms: len(finals()) == 2 * 2, what="final reconstructions")
         assert {f.method for f in finals()} == {"classical"}
@@ -228,7 +218,7 @@ def test_a_hanging_engine_times_out_and_no_frame_is_lost(settings, monkeypatch):
 
         hanging.release.set()
         wait_for(lambda: not harness.daemon.scheduler.engine.hung, 10, "the hung call to return")
-        _run_scan(harness, "recovered", frame)
+        run_scan(harness, "recovered", frame)
         harness.listener.until(lambda ms: any(f.final and f.method == "hanging"
                                               for f in harness.listener.frames(uid="recovered")),
                                what="the recovered engine's frame")
@@ -258,7 +248,7 @@ def test_a_stalled_subscriber_does_not_hold_up_the_daemon_or_other_subscribers(s
     try:
         stalled.connect(settings.daemon.output)
         frame = make_frame(128, 128)
-        _run_scan(h, "busy", frame)
+        run_scan(h, "busy", frame)
         h.listener.until(lambda ms: any(f.final for f in h.listener.frames(uid="busy", kind="reconstructed")),
                          what="the final frame at the healthy subscriber")
         status = h.status_after(lambda s: s.counters["scans_completed"] == 1)
@@ -276,7 +266,7 @@ def test_a_scan_whose_instrument_falls_silent_is_closed_as_aborted(settings):
     context = zmq.Context()
     h = Harness(settings, context).start()
     try:
-        _run_scan(h, "orphaned", make_frame(8, 8), rows=3, end=False)
+        run_scan(h, "orphaned", make_frame(8, 8), rows=3, end=False)
         status = h.status_after(lambda s: s.counters["scans_aborted"] == 1 and not s.active_scans)
         assert status.counters["lines"] == 3
         h5 = h.daemon.recorder.directory / "orphaned.h5"
@@ -333,7 +323,7 @@ def test_progressive_frames_are_rate_limited_and_held_lines_follow(settings):
     try:
         frame = make_frame(64, 16)
         started = time.monotonic()
-        _run_scan(h, "fast", frame, end=False)
+        run_scan(h, "fast", frame, end=False)
         newest = lambda: [f for f in h.listener.frames(uid="fast", kind="reconstructed", channel="Z")
                           if f.rows_seen == 64]
         h.listener.until(lambda ms: bool(newest()), what="a progressive frame with every line")

@@ -16,10 +16,10 @@ from PySide6 import QtGui, QtWidgets  # noqa: E402
 from stm_live.demo import free_tcp_endpoint  # noqa: E402
 from stm_live.protocol import Frame, LocMap, TipAlert, encode  # noqa: E402
 from stm_live.sim.instrument import SimInstrument  # noqa: E402
-from stm_live.viewer.model import ViewerModel, robust_levels  # noqa: E402
+from stm_live.viewer.model import TOPICS, ViewerModel, robust_levels  # noqa: E402
 from stm_live.viewer.window import ViewerWindow  # noqa: E402
 
-from conftest import Harness  # noqa: E402
+from conftest import CHANNELS, Harness, make_frame, scan_start  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +145,77 @@ def test_rendering_keeps_references_to_none(qapp, recorded):
         window.close()
         window.deleteLater()
         qapp.processEvents()
+
+
+def test_a_frozen_viewer_costs_the_daemon_nothing_and_counts_what_it_missed(qapp, tmp_path):
+    """The viewer stops processing events for a whole scan (a reconstruction after every line):
+    the daemon records every line and a healthy subscriber gets every message, while the frozen
+    viewer's queue overflows. Thawed, the viewer counts exactly the messages it never received:
+    what it took plus what it missed equals what the healthy subscriber got over the same span."""
+    from stm_live.config import Settings
+
+    settings = Settings()
+    settings.daemon.input, settings.daemon.output = free_tcp_endpoint(), free_tcp_endpoint()
+    settings.daemon.record_dir = str(tmp_path / "rec")
+    settings.daemon.status_interval_s = 0.1
+    settings.daemon.reconstruct_every_lines = 1
+    settings.daemon.progressive_max_hz = 0
+    settings.tip.enabled = settings.localize.enabled = False
+    settings.zmq.output_hwm = 20
+    context = zmq.Context()
+    h = Harness(settings, context).start()
+    window = ViewerWindow(settings.daemon.output, context)
+    try:
+        h.listener.sock.setsockopt(zmq.RCVHWM, 0)
+        deadline = time.monotonic() + 20
+        while window.model.status is None and time.monotonic() < deadline:
+            qapp.processEvents()
+            time.sleep(0.01)
+        assert window.model.status is not None, "the viewer never heard the daemon"
+        baseline, taken_before = window.model.status.t, window.model.received + window.model.invalid
+
+        frame = make_frame(128, 128)
+        h.publisher.scan_start(scan_start("frozen", rows=128, cols=128))
+        for row in range(128):
+            h.publisher.line("frozen", row, "forward", CHANNELS, [frame[row], frame[row]])
+            time.sleep(0.004)  # every line gets its own reconstruction (none superseded)
+        h.publisher.scan_end("frozen")
+        status = h.status_after(lambda s: s.counters["scans_completed"] == 1)
+        assert status.counters["lines"] == 128 and status.counters["record_errors"] == 0
+        def settled(messages) -> bool:
+            """Every final frame in, and a status after the last frame: only statuses follow."""
+            frames = [i for i, m in enumerate(messages) if m.type == "frame"]
+            finals = {(m.channel, m.kind) for m in messages if m.type == "frame" and m.final}
+            return len(finals) == 4 and any(m.type == "status" for m in messages[frames[-1]:])
+        h.listener.until(settled, what="a status after the last frame")
+        after = [m for m in h.listener.messages if m.type == "status"][-1].t
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and window.model.status.t < after:
+            qapp.processEvents()  # thawed
+            time.sleep(0.01)
+        last = window.model.status.t
+        h.daemon.stop()
+        h.thread.join(60)
+        h.listener.pump(0.5)
+
+        counters = h.listener.last_status().counters
+        assert [m.type for m in h.listener.messages].count("frame") == counters["published_frame"] >= 4 * 128
+        at = {m.t: i for i, m in enumerate(h.listener.messages) if m.type == "status"}
+        span = sum(m.type in TOPICS for m in h.listener.messages[at[baseline] + 1:at[last] + 1])
+        taken = window.model.received + window.model.invalid - taken_before
+        assert window.model.missed > 0, (taken, span)
+        assert taken + window.model.missed == span
+        window.render()
+        assert f"missed while the viewer lagged {window.model.missed}" in window.status_label.text()
+    finally:
+        window.close_socket()
+        window.close()
+        window.deleteLater()
+        qapp.processEvents()
+        h.listener.close()
+        if h.publisher is not None:
+            h.publisher.close(linger_s=0)
+        context.term()
 
 
 def test_model_keeps_one_frame_per_slot_and_follows_the_newest_scan(recorded):

@@ -19,6 +19,7 @@ import numpy as np
 from stm_live.protocol import ActionReport, Frame, LocMap, Message, Status, TipAlert, TipReport
 
 SlotKey = tuple[str, str, str, str]
+TOPICS = ("frame", "status", "tip", "alert", "action", "locmap")
 
 
 @dataclass
@@ -32,7 +33,10 @@ class ViewerModel:
     locmaps: dict[tuple[str, str], LocMap] = field(default_factory=dict)
     received: int = 0
     invalid: int = 0
+    missed: int = 0
     version: int = 0
+    _published_last: int | None = None
+    _taken_last: int = 0
     _arrivals: deque = field(default_factory=lambda: deque(maxlen=4096))
 
     def apply(self, msg: Message, now: float | None = None) -> None:
@@ -53,8 +57,19 @@ class ViewerModel:
             self.actions.append(msg)
         elif isinstance(msg, Status):
             self.status = msg
+            self._count_missed(msg)
         elif isinstance(msg, LocMap):
             self.locmaps[(msg.channel, msg.direction)] = msg
+
+    def _count_missed(self, status: Status) -> None:
+        """Messages of our topics the daemon published since the previous status, less those that
+        arrived: what ZeroMQ dropped because this viewer fell behind. A daemon restart (its counts
+        went back) starts the count afresh without losing the total."""
+        published = sum(status.counters.get(f"published_{topic}", 0) for topic in TOPICS) + 1
+        taken = self.received + self.invalid
+        if self._published_last is not None and published >= self._published_last:
+            self.missed += (published - self._published_last) - (taken - self._taken_last)
+        self._published_last, self._taken_last = published, taken
 
     def _switch_scan(self, uid: str) -> None:
         """A new scan: drop the old scan's frames (one scan on screen at a time)."""

@@ -30,11 +30,12 @@ from PySide6 import QtCore, QtWidgets
 
 from stm_live.protocol import Decoder, Frame, LocMap, Message, ProtocolError
 from stm_live.security import LOOPBACK_ONLY, Security
-from stm_live.viewer.model import ViewerModel, robust_levels
+from stm_live.viewer.model import TOPICS, ViewerModel, robust_levels
 
 log = logging.getLogger(__name__)
 
 RENDER_HZ = 30
+RECEIVE_HWM = 100  # frames waiting in the viewer, at most: it shows only the newest per slot anyway
 TIP_COLOURS = {"good": "#2e7d32", "blunt": "#ef6c00", "multi": "#c62828", "unstable": "#6a1b9a",
                "changed": "#1565c0"}
 PANELS = (("measured", "raw", "Measured (as scanned)"),
@@ -140,9 +141,9 @@ class ViewerWindow(QtWidgets.QMainWindow):
     # -- input --------------------------------------------------------------------------------
     def connect(self, endpoint: str, context: zmq.Context, security: Security = LOOPBACK_ONLY) -> None:
         self.socket = context.socket(zmq.SUB)
-        for topic in (b"frame", b"status", b"tip", b"alert", b"action", b"locmap"):
-            self.socket.setsockopt(zmq.SUBSCRIBE, topic)
-        self.socket.setsockopt(zmq.RCVHWM, 1000)
+        for topic in TOPICS:
+            self.socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self.socket.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         self.socket.setsockopt(zmq.LINGER, 0)
         security.connect(self.socket, endpoint)
         self.notifier = QtCore.QSocketNotifier(self.socket.getsockopt(zmq.FD), QtCore.QSocketNotifier.Type.Read, self)
@@ -302,7 +303,8 @@ class ViewerWindow(QtWidgets.QMainWindow):
             parts += [f"reconstruction latency p50 {p50 * 1e3:.1f} ms" if p50 is not None else "latency -",
                       f"dropped {status.counters.get('dropped', 0)}", f"engine {status.engine}",
                       f"daemon {status.state}"]
-        parts.append(f"messages {self.model.received} (invalid {self.model.invalid})")
+        parts.append(f"messages {self.model.received} (invalid {self.model.invalid}, "
+                     f"missed while the viewer lagged {self.model.missed})")
         self.status_label.setText("  |  ".join(parts))
 
     def _lock_levels(self, locked: bool) -> None:
@@ -389,14 +391,15 @@ def run_viewer(endpoint: str, snapshot_dir: str | None = None, snapshot_every_s:
         timers.append(sampler)
     if seconds:
         QtCore.QTimer.singleShot(int(seconds * 1000), app.quit)
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     code = app.exec()
     if stats_path:
         elapsed = time.monotonic() - started
+        cpu_s = time.process_time() - cpu_started
         settled = memory[len(memory) // 4:] or memory
         Path(stats_path).write_text(json.dumps({
-            "seconds": round(elapsed, 2), "renders": window.renders, "render_hz": round(window.renders / elapsed, 1),
-            "messages": window.model.received, "invalid": window.model.invalid,
+            "seconds": round(elapsed, 2), "cpu_s": round(cpu_s, 2), "renders": window.renders, "render_hz": round(window.renders / elapsed, 1),
+            "messages": window.model.received, "invalid": window.model.invalid, "missed": window.model.missed,
             "rss_mb_first_quarter_end": round(settled[0], 1) if settled else None,
             "rss_mb_end": round(memory[-1], 1) if memory else None,
             "render_ms_p99": round(float(np.percentile(window.render_ms, 99)), 2) if window.render_ms else None,
