@@ -115,16 +115,16 @@ _CREATEC_MARKER = b"DATA"
 
 def _read_createc(path: Path) -> ScanFile:
     raw = path.read_bytes()
-    if not raw.startswith(b"[Paramco32]"):
-        raise ScanFileError(f"{path}: no [Paramco32] header: not a Createc .dat file")
+    if not raw.startswith((b"[Paramco32]", b"[Parameter]")):
+        raise ScanFileError(f"{path}: no [Paramco32] or [Parameter] header: not a Createc .dat file")
     at = raw.find(_CREATEC_MARKER)
     if at < 0:
         raise ScanFileError(f"{path}: no DATA marker: truncated or not a Createc .dat file")
     params = {}
     for line in raw[:at].decode("latin-1").splitlines()[1:]:
         key, sep, value = line.partition("=")
-        if sep:
-            params[key.strip()] = value.strip()
+        if sep:  # "Num.X / Num.X=256", "BiasVoltage / BiasVolt.[mV]=-200": the name after the slash
+            params[key.rpartition(" / ")[2].strip()] = value.strip()
     try:
         cols, rows = int(params["Num.X"]), int(params["Num.Y"])
         channels = int(params.get("Channels", "1"))

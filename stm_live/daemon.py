@@ -384,8 +384,9 @@ class Daemon:
             counters["record_error_active"] = 1
         now = time.time()
         heartbeat_age = {source: round(now - seen, 3) for source, seen in self.instrument_seen.items()}
+        channels = tuple(dict.fromkeys(c.name for scan in self.assembler.scans.values() for c in scan.start.channels))
         return Status(SOURCE, self.state, self.scheduler.method, counters, dict(self.drops.counts),
-                      latency, tuple(self.assembler.scans), heartbeat_age, now)
+                      latency, tuple(self.assembler.scans), channels, heartbeat_age, now)
 
     def _publish_status(self, pub: zmq.Socket) -> None:
         self._publish(pub, self.status())

@@ -1,7 +1,8 @@
 """Wire protocol v1: ZeroMQ multipart messages = topic + msgpack header + raw array frames.
 
-The topic frame is the message type (ZeroMQ filters on it natively). The header is a msgpack
-map carrying the schema version `v`, the `type` (equal to the topic) and the type's fields; it
+The topic frame is the message type (ZeroMQ filters on it natively); frames add their slot,
+`frame:<live|final>:<direction>:<channel>:`, so that a viewer can take only what it shows. The
+header is a msgpack map carrying the schema version `v`, the `type` and the type's fields; it
 describes each following array frame by name, dtype (NumPy typestr, so byte order is explicit)
 and shape. Arrays travel as raw bytes, sent without copying. No pickle anywhere.
 
@@ -139,6 +140,7 @@ class Status:
     drops: dict[str, int]
     latency_s: dict[str, float]
     active_scans: tuple[str, ...]
+    channels: tuple[str, ...]
     instruments: dict[str, float]
     t: float
     type = "status"
@@ -248,6 +250,17 @@ def _array_spec(name: str, array: np.ndarray) -> dict[str, Any]:
     return {"name": name, "dtype": array.dtype.str, "shape": list(array.shape)}
 
 
+def frame_topic(final: bool, direction: str, channel: str) -> str:
+    """A frame's topic: subscribing to `frame:final:` takes every final frame, to
+    `frame:live:forward:Z:` the progressive frames of one slot (the closing colon keeps channel
+    `Z` from matching `Z2`; colons are not allowed in names)."""
+    return f"frame:{'final' if final else 'live'}:{direction}:{channel}:"
+
+
+def topic(msg: Message) -> str:
+    return frame_topic(msg.final, msg.direction, msg.channel) if isinstance(msg, Frame) else msg.type
+
+
 def encode(msg: Message) -> list[Any]:
     """Message -> multipart frames [topic, header, *arrays]; arrays are passed by reference."""
     header: dict[str, Any] = {"v": SCHEMA_VERSION, "type": msg.type}
@@ -281,7 +294,7 @@ def encode(msg: Message) -> list[Any]:
         header.update(
             source=msg.source, state=msg.state, engine=msg.engine, counters=msg.counters,
             drops=msg.drops, latency_s=msg.latency_s, active_scans=list(msg.active_scans),
-            instruments=msg.instruments, t=msg.t,
+            channels=list(msg.channels), instruments=msg.instruments, t=msg.t,
         )
     elif isinstance(msg, Truth):
         header.update(uid=msg.uid, t=msg.t)
@@ -305,7 +318,7 @@ def encode(msg: Message) -> list[Any]:
         raise TypeError(f"not a protocol message: {type(msg).__name__}")
     contiguous = [np.ascontiguousarray(a) for _, a in arrays]
     header["arrays"] = [_array_spec(name, a) for (name, _), a in zip(arrays, contiguous)]
-    return [msg.type.encode(), msgpack.packb(header, use_bin_type=True), *contiguous]
+    return [topic(msg).encode(), msgpack.packb(header, use_bin_type=True), *contiguous]
 
 
 def _no_ext(code: int, data: bytes) -> Any:
@@ -392,13 +405,14 @@ class Decoder:
         """Decode frames (bytes, memoryviews or zmq.Frame); raise ProtocolError."""
         if len(frames) < 2:
             raise ProtocolError("bad_envelope", f"{len(frames)} frame(s); need topic and header")
-        topic = bytes(_buffer(frames[0]))
+        raw_topic = bytes(_buffer(frames[0]))
         try:
-            kind = topic.decode("ascii")
+            sent_topic = raw_topic.decode("ascii")
         except UnicodeDecodeError:
             raise ProtocolError("bad_topic", "topic is not ASCII") from None
+        kind = sent_topic.split(":", 1)[0]
         if kind not in TYPES:
-            raise ProtocolError("bad_topic", f"unknown topic {topic[:32]!r}")
+            raise ProtocolError("bad_topic", f"unknown topic {raw_topic[:32]!r}")
         raw_header = _buffer(frames[1])
         if len(raw_header) > self.limits.max_header_bytes:
             raise ProtocolError("oversized", f"header of {len(raw_header)} bytes")
@@ -423,6 +437,8 @@ class Decoder:
         f = _Fields(header)
         msg = getattr(self, f"_{kind}")(f, names, arrays)
         f.finish()
+        if topic(msg) != sent_topic:
+            raise ProtocolError("bad_topic", f"topic {raw_topic[:64]!r} does not match the {kind} it carries")
         return msg
 
     def _arrays(self, header: dict[str, Any], frames: Sequence[Any]) -> tuple[list[str], list[np.ndarray]]:
@@ -531,11 +547,14 @@ class Decoder:
 
     def _status(self, f: _Fields, names: list[str], arrays: list[np.ndarray]) -> Status:
         _no_arrays(arrays)
+        channels = f.get("channels", list)
+        if any(type(c) is not str or not _NAME.match(c) for c in channels):
+            raise ProtocolError("bad_field", "status channels must be channel names")
         return Status(
             source=f.pattern("source", _NAME), state=f.choice("state", DAEMON_STATES),
             engine=f.get("engine", str), counters=f.get("counters", dict), drops=f.get("drops", dict),
             latency_s=f.get("latency_s", dict), active_scans=tuple(f.get("active_scans", list)),
-            instruments=f.get("instruments", dict), t=f.number("t"),
+            channels=tuple(channels), instruments=f.get("instruments", dict), t=f.number("t"),
         )
 
     def _truth(self, f: _Fields, names: list[str], arrays: list[np.ndarray]) -> Truth:

@@ -377,6 +377,18 @@ def test_createc_dat_round_trip_and_damage(tmp_path):
         read_scan_file(nodata)
 
 
+def test_createc_dat_with_labelled_header_lines(tmp_path):
+    """Createc writes "label / name=value" lines under [Parameter] (e.g. "Num.X / Num.X=256")."""
+    frames = np.arange(2 * 4 * 6, dtype="<f4").reshape(2, 4, 6)
+    header = ("[Parameter]\r\nTitel / Titel=DEFAULT\r\nNum.X / Num.X=6\r\nNum.Y / Num.Y=4\r\nChannels=2\r\n"
+              "Length x[A]=60\r\nLength y[A]=40\r\nBiasVoltage / BiasVolt.[mV]=-200\r\n").encode()
+    path = tmp_path / "labelled.dat"
+    path.write_bytes(header + b"DATA" + zlib.compress(np.concatenate([[0.0], frames.ravel()]).astype("<f4").tobytes()))
+    scan = read_scan_file(path)
+    assert scan.shape == (4, 6) and scan.size_nm == (6.0, 4.0) and scan.bias_v == pytest.approx(-0.2)
+    assert np.array_equal(scan.channels[1].forward, frames[1])
+
+
 @needs_real
 def test_truncated_and_wrong_files_give_clear_errors(tmp_path):
     cut = tmp_path / "cut.sxm"

@@ -10,7 +10,8 @@ def test_a_short_fuzz_run_finds_no_crash(tmp_path):
     result = fuzz(seconds=6.0, seed=1, out_dir=tmp_path / "crashes")
     assert result["crashes"] == 0, result
     for name, target in result["targets"].items():
-        assert target["inputs"] > 50 and target["rejected_cleanly"] > 0 or name == "action", (name, target)
+        enough = 3 if name == "scanfile" else 500  # an .sm4 input takes spym up to 1.3 s; a message microseconds
+        assert target["inputs"] >= enough and (target["rejected_cleanly"] > 0 or name == "action"), (name, target)
     assert result["targets"]["action"]["accepted"] == result["targets"]["action"]["inputs"]
 
 

@@ -52,7 +52,7 @@ def test_every_type_round_trips():
         Frame("scan-1", "Z", "m", "forward", "reconstructed", 3, (5.0, 5.0), "classical", 0.01, True, 3.0,
               img, img > 0, img.astype(np.float32)),
         Status("stm-live", "idle", "classical", {"lines": 3}, {"bad_header": 1}, {"p50": 0.01}, ("a",),
-               {"sim": 0.5}, 4.0),
+               ("Z", "Current"), {"sim": 0.5}, 4.0),
         Truth("scan-1", ("Z",), (img,), 5.0),
         TipReport("scan-1", 40, 24, "blunt", PROBABILITIES, PROBABILITIES, {"step": 0.5}, 6.0),
         TipAlert("scan-1", 40, "good", "blunt", PROBABILITIES, "pulse it", 7.0),
@@ -95,6 +95,28 @@ def test_header_carries_version_and_array_layout():
     assert header["arrays"] == [{"name": "Z", "dtype": ">f8", "shape": [4]}]
     line = Decoder().decode(frames)
     assert line.arrays[0].dtype.str == ">f8" and line.arrays[0].tolist() == [0, 1, 2, 3]
+
+
+def test_a_frame_travels_under_its_slot_and_the_topic_must_match_it():
+    img = np.ones((4, 4), np.float32)
+    live = Frame("s", "Z", "m", "backward", "raw", 2, (1.0, 1.0), "measured", 0.0, False, 1.0, img, img > 0)
+    final = Frame("s", "Z2", "m", "forward", "reconstructed", 4, (1.0, 1.0), "classical", 0.0, True, 1.0, img, img > 0)
+    assert wire(live)[0] == b"frame:live:backward:Z:" and wire(final)[0] == b"frame:final:forward:Z2:"
+    assert not b"frame:final:forward:Z:".startswith(b"frame:live:forward:Z:")
+    decoded = Decoder().decode(wire(live))
+    assert (decoded.channel, decoded.direction, decoded.final) == ("Z", "backward", False)
+    for lie in (b"frame", b"frame:final:backward:Z:", b"frame:live:backward:Z2:", b"status"):
+        with pytest.raises(ProtocolError) as err:
+            Decoder().decode([lie, *wire(live)[1:]])
+        assert err.value.reason in ("bad_topic", "bad_header")
+
+
+def test_status_channels_must_be_names():
+    status = Status("stm-live", "idle", "classical", {}, {}, {}, (), ("Z",), {}, 1.0)
+    with pytest.raises(ProtocolError):
+        Decoder().decode(with_header(wire(status), channels=["Z", 3]))
+    with pytest.raises(ProtocolError):
+        Decoder().decode(with_header(wire(status), channels=["Z:live"]))
 
 
 @pytest.mark.parametrize("frames, reason", [

@@ -14,7 +14,7 @@ import zmq  # noqa: E402
 from PySide6 import QtGui, QtWidgets  # noqa: E402
 
 from stm_live.demo import free_tcp_endpoint  # noqa: E402
-from stm_live.protocol import Frame, LocMap, TipAlert, encode  # noqa: E402
+from stm_live.protocol import Frame, LocMap, TipAlert, encode, topic  # noqa: E402
 from stm_live.sim.instrument import SimInstrument  # noqa: E402
 from stm_live.viewer.model import TOPICS, ViewerModel, robust_levels  # noqa: E402
 from stm_live.viewer.window import ViewerWindow  # noqa: E402
@@ -82,11 +82,16 @@ def test_viewer_renders_a_recorded_stream_received_over_zeromq(qapp, recorded, t
         time.sleep(0.3)
         for msg in recorded:
             pub.send_multipart(encode(msg))
+        # The window knows no channel yet, so it takes everything but live frames: final ones
+        # of every slot, and the rest.
+        expected = sum(topic(m).startswith(TOPICS) for m in recorded)
+        assert 0 < expected < len(recorded)
         deadline = time.monotonic() + 20
-        while window.model.received < len(recorded) and time.monotonic() < deadline:
+        while window.model.received < expected and time.monotonic() < deadline:
             qapp.processEvents()
             time.sleep(0.01)
-        assert window.model.received == len(recorded)
+        assert window.model.received == expected
+        assert [window.channel_box.itemText(i) for i in range(window.channel_box.count())] == ["Z", "Current"]
         window.render()
         qapp.processEvents()
 
@@ -172,6 +177,12 @@ def test_a_frozen_viewer_costs_the_daemon_nothing_and_counts_what_it_missed(qapp
             qapp.processEvents()
             time.sleep(0.01)
         assert window.model.status is not None, "the viewer never heard the daemon"
+        window.channel_box.addItem(CHANNELS[0].name)  # as if a status had named the channel: its live frames too
+        assert window.model.subscriptions == TOPICS + (f"frame:live:forward:{CHANNELS[0].name}:",)
+        heard = window.model.status.t
+        while window.model.status.t == heard and time.monotonic() < deadline:
+            qapp.processEvents()  # the missed count starts afresh at the first status after subscribing
+            time.sleep(0.01)
         baseline, taken_before = window.model.status.t, window.model.received + window.model.invalid
 
         frame = make_frame(128, 128)
@@ -199,9 +210,11 @@ def test_a_frozen_viewer_costs_the_daemon_nothing_and_counts_what_it_missed(qapp
         h.listener.pump(0.5)
 
         counters = h.listener.last_status().counters
-        assert [m.type for m in h.listener.messages].count("frame") == counters["published_frame"] >= 4 * 128
+        published_frames = sum(n for k, n in counters.items() if k.startswith("published_frame:"))
+        assert [m.type for m in h.listener.messages].count("frame") == published_frames >= 4 * 128
         at = {m.t: i for i, m in enumerate(h.listener.messages) if m.type == "status"}
-        span = sum(m.type in TOPICS for m in h.listener.messages[at[baseline] + 1:at[last] + 1])
+        span = sum(topic(m).startswith(window.model.subscriptions)
+                   for m in h.listener.messages[at[baseline] + 1:at[last] + 1])
         taken = window.model.received + window.model.invalid - taken_before
         assert window.model.missed > 0, (taken, span)
         assert taken + window.model.missed == span
@@ -218,6 +231,48 @@ def test_a_frozen_viewer_costs_the_daemon_nothing_and_counts_what_it_missed(qapp
         context.term()
 
 
+def test_the_viewer_takes_live_frames_of_the_shown_slot_only(qapp):
+    """Live frames of other channels and directions never leave the daemon for this viewer;
+    final frames of every slot do; changing the selection moves the subscription."""
+    context = zmq.Context()
+    endpoint = free_tcp_endpoint()
+    pub = context.socket(zmq.PUB)
+    pub.bind(endpoint)
+    window = ViewerWindow(endpoint, context)
+    image = np.zeros((8, 8), np.float32)
+
+    def frame(channel: str, direction: str, final: bool) -> Frame:
+        return Frame("s", channel, "m", direction, "raw", 8, (1.0, 1.0), "measured", 0.0, final, 0.0, image, image == 0)
+
+    def received_after_sending() -> list[tuple[str, str, bool]]:
+        time.sleep(0.3)  # the subscription reaches the publisher
+        for channel in ("Z", "Current"):
+            for direction in ("forward", "backward"):
+                for final in (False, True):
+                    pub.send_multipart(encode(frame(channel, direction, final)))
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            qapp.processEvents()
+            time.sleep(0.01)
+        return window.model.received
+
+    try:
+        window.channel_box.addItems(["Z", "Current"])
+        assert received_after_sending() == 4 + 1  # four finals, the live frame of Z forward
+        assert window.model.frame("Z", "forward", "raw") is not None
+        window.channel_box.setCurrentText("Current")
+        window.direction_box.setCurrentText("backward")
+        assert received_after_sending() == 2 * (4 + 1)
+        assert window.model.missed == 0
+    finally:
+        window.close_socket()
+        window.close()
+        window.deleteLater()
+        qapp.processEvents()
+        pub.close()
+        context.term()
+
+
 def test_model_keeps_one_frame_per_slot_and_follows_the_newest_scan(recorded):
     model = ViewerModel()
     frames = [m for m in recorded if isinstance(m, Frame)]
@@ -230,6 +285,24 @@ def test_model_keeps_one_frame_per_slot_and_follows_the_newest_scan(recorded):
                   frames[0].image, frames[0].mask)
     model.apply(later)
     assert model.current_uid == "other-scan" and list(model.frames) == [("other-scan", "Z", "forward", "raw")]
+
+
+def test_line_rate_reads_the_current_scans_rows_over_the_last_two_seconds():
+    model = ViewerModel()
+    image, mask = np.zeros((64, 64), np.float32), np.zeros((64, 64), bool)
+
+    def arrive(uid: str, rows: int, t: float) -> None:
+        model.apply(Frame(uid, "Z", "m", "forward", "raw", rows, (1.0, 1.0), "measured", 0.0, False, 0.0, image, mask),
+                    now=t)
+
+    for i in range(40):  # 10 rows every 0.25 s: 40 rows/s
+        arrive("a", 10 * i, 100.0 + 0.25 * i)
+    assert model.rows_per_s(now=109.75) == pytest.approx(40.0)
+    assert len(model._arrivals) == 9  # only the last two seconds are kept
+    assert model.rows_per_s(now=112.0) == 0.0  # nothing landed in the last two seconds
+    arrive("b", 0, 200.0)
+    arrive("b", 5, 201.0)
+    assert model.rows_per_s(now=201.0) == pytest.approx(5.0)  # the new scan alone
 
 
 def test_robust_levels_ignore_spikes_and_gaps():

@@ -16,10 +16,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stm_live.protocol import ActionReport, Frame, LocMap, Message, Status, TipAlert, TipReport
+from stm_live.protocol import ActionReport, Frame, LocMap, Message, Status, TipAlert, TipReport, frame_topic, topic
 
 SlotKey = tuple[str, str, str, str]
-TOPICS = ("frame", "status", "tip", "alert", "action", "locmap")
+TOPICS = ("status", "tip", "alert", "action", "locmap", "frame:final:")  # plus the live frames of the shown slot
+
+
+def live_topic(channel: str, direction: str) -> str:
+    return frame_topic(False, direction, channel)
+RATE_WINDOW_S = 2.0
 
 
 @dataclass
@@ -35,18 +40,28 @@ class ViewerModel:
     invalid: int = 0
     missed: int = 0
     version: int = 0
+    subscriptions: tuple[str, ...] | None = None  # topic prefixes taken; None: every message
     _published_last: int | None = None
     _taken_last: int = 0
-    _arrivals: deque = field(default_factory=lambda: deque(maxlen=4096))
+    _arrivals: deque = field(default_factory=deque)  # (t, rows_seen) of the current scan's last RATE_WINDOW_S
+
+    def subscribe(self, subscriptions: tuple[str, ...]) -> None:
+        """The topics the socket now takes; what was missed is counted afresh from the next status."""
+        if subscriptions != self.subscriptions:
+            self.subscriptions = subscriptions
+            self._published_last = None
 
     def apply(self, msg: Message, now: float | None = None) -> None:
+        if self.subscriptions is not None and not topic(msg).startswith(self.subscriptions):
+            return  # a slot no longer shown, still in flight when the selection changed
         self.received += 1
         self.version += 1
         if isinstance(msg, Frame):
             self.frames[(msg.uid, msg.channel, msg.direction, msg.kind)] = msg
             if msg.uid != self.current_uid:
                 self._switch_scan(msg.uid)
-            self._arrivals.append((now or time.monotonic(), msg.rows_seen, msg.uid))
+            self._arrivals.append((now or time.monotonic(), msg.rows_seen))
+            self._forget_arrivals(self._arrivals[-1][0])
         elif isinstance(msg, TipReport):
             self.tip = msg
             if self.alert is not None and msg.state == "good" and self.alert.state != "good":
@@ -65,7 +80,8 @@ class ViewerModel:
         """Messages of our topics the daemon published since the previous status, less those that
         arrived: what ZeroMQ dropped because this viewer fell behind. A daemon restart (its counts
         went back) starts the count afresh without losing the total."""
-        published = sum(status.counters.get(f"published_{topic}", 0) for topic in TOPICS) + 1
+        published = sum(count for key, count in status.counters.items() if key.startswith("published_")
+                        and (self.subscriptions is None or key[len("published_"):].startswith(self.subscriptions))) + 1
         taken = self.received + self.invalid
         if self._published_last is not None and published >= self._published_last:
             self.missed += (published - self._published_last) - (taken - self._taken_last)
@@ -75,19 +91,25 @@ class ViewerModel:
         """A new scan: drop the old scan's frames (one scan on screen at a time)."""
         self.frames = {k: v for k, v in self.frames.items() if k[0] == uid}
         self.current_uid = uid
+        self._arrivals.clear()
+
+    def _forget_arrivals(self, now: float) -> None:
+        while self._arrivals and now - self._arrivals[0][0] > RATE_WINDOW_S:
+            self._arrivals.popleft()
 
     def frame(self, channel: str, direction: str, kind: str) -> Frame | None:
         if self.current_uid is None:
             return None
         return self.frames.get((self.current_uid, channel, direction, kind))
 
-    def rows_per_s(self, window_s: float = 2.0, now: float | None = None) -> float:
-        """Rows landing per second in the current scan, from the rows_seen of frames over the last seconds."""
-        now = now or time.monotonic()
-        recent = [(t, rows) for t, rows, uid in self._arrivals if uid == self.current_uid and now - t <= window_s]
-        if len(recent) < 2 or recent[-1][0] == recent[0][0]:
+    def rows_per_s(self, now: float | None = None) -> float:
+        """Rows landing per second in the current scan, from the rows_seen of its frames over the
+        last RATE_WINDOW_S; it costs the same however fast frames arrive (the viewer asks every render)."""
+        self._forget_arrivals(now or time.monotonic())
+        if len(self._arrivals) < 2 or self._arrivals[-1][0] == self._arrivals[0][0]:
             return 0.0
-        return max(0.0, (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0]))
+        (t0, rows0), (t1, rows1) = self._arrivals[0], self._arrivals[-1]
+        return max(0.0, (rows1 - rows0) / (t1 - t0))
 
 
 def robust_levels(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> tuple[float, float]:

@@ -2,7 +2,8 @@
 
 A ZeroMQ SUB socket's file descriptor drives a QSocketNotifier: on every wake-up the viewer
 drains everything waiting into the ViewerModel (one latest frame per slot) and does nothing
-else; a timer renders the newest state at up to 30 Hz. The viewer never talks back to the
+else; a timer renders the newest state at up to 30 Hz. The socket takes every final frame but
+the live (progressive) frames of the shown channel and direction only. The viewer never talks back to the
 daemon, so a slow or frozen viewer only fills its own queue on the daemon's PUB socket, bounded
 by `zmq.output_hwm`, past which the daemon drops that subscriber's messages alone.
 
@@ -28,9 +29,9 @@ import pyqtgraph as pg
 import zmq
 from PySide6 import QtCore, QtWidgets
 
-from stm_live.protocol import Decoder, Frame, LocMap, Message, ProtocolError
+from stm_live.protocol import Decoder, Frame, LocMap, Message, ProtocolError, Status
 from stm_live.security import LOOPBACK_ONLY, Security
-from stm_live.viewer.model import TOPICS, ViewerModel, robust_levels
+from stm_live.viewer.model import TOPICS, ViewerModel, live_topic, robust_levels
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,15 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self._levels_locked: dict[str, tuple[float, float]] = {}
         self._titles: dict[str, str] = {}
         self._rects: dict[str, tuple] = {}
+        self._shown: dict[str, Frame | LocMap] = {}  # what each panel draws: unchanged panels are not redrawn
         self.setWindowTitle("stm-live viewer")
         self.resize(1900, 620)
         self._build()
         self.socket: zmq.Socket | None = None
         self.notifier: QtCore.QSocketNotifier | None = None
+        self._live_topic: str | None = None
+        self.channel_box.currentTextChanged.connect(self._follow_selection)
+        self.direction_box.currentTextChanged.connect(self._follow_selection)
         if endpoint:
             self.connect(endpoint, context or zmq.Context.instance(), security)
         self.timer = QtCore.QTimer(self)
@@ -148,6 +153,23 @@ class ViewerWindow(QtWidgets.QMainWindow):
         security.connect(self.socket, endpoint)
         self.notifier = QtCore.QSocketNotifier(self.socket.getsockopt(zmq.FD), QtCore.QSocketNotifier.Type.Read, self)
         self.notifier.activated.connect(self.drain)
+        self._follow_selection()
+
+    def _follow_selection(self) -> None:
+        """Take the live frames of the shown channel and direction only (final frames of every
+        slot come anyway): a viewer costs the daemon the bytes of what it shows, not of every
+        channel it could show. The channel list comes from the daemon's status."""
+        if self.socket is None:
+            return
+        channel = self.channel_box.currentText()
+        wanted = live_topic(channel, self.direction_box.currentText()) if channel else None
+        if wanted != self._live_topic:
+            if self._live_topic is not None:
+                self.socket.setsockopt(zmq.UNSUBSCRIBE, self._live_topic.encode())
+            if wanted is not None:
+                self.socket.setsockopt(zmq.SUBSCRIBE, wanted.encode())
+            self._live_topic = wanted
+        self.model.subscribe(TOPICS + ((wanted,) if wanted else ()))
 
     def drain(self) -> int:
         """Take every waiting message into the model; ZeroMQ's descriptor is edge-triggered, so
@@ -171,8 +193,10 @@ class ViewerWindow(QtWidgets.QMainWindow):
         if isinstance(msg, Frame):
             self.last_frame_at = time.monotonic()
             self.first_frame_at = self.first_frame_at or self.last_frame_at
-            if self.channel_box.findText(msg.channel) < 0:
-                self.channel_box.addItem(msg.channel)
+        channels = (msg.channel,) if isinstance(msg, Frame) else msg.channels if isinstance(msg, Status) else ()
+        for channel in channels:
+            if self.channel_box.findText(channel) < 0:
+                self.channel_box.addItem(channel)
 
     # -- output -------------------------------------------------------------------------------
     def _tick(self) -> None:
@@ -188,8 +212,9 @@ class ViewerWindow(QtWidgets.QMainWindow):
         direction = self.direction_box.currentText()
         for name, kind, _ in PANELS:
             frame = self.model.frame(channel, direction, kind)
-            if frame is None:
+            if frame is None or self._shown.get(name) is frame:
                 continue
+            self._shown[name] = frame
             image = frame.image if name != "uncertainty" else frame.uncertainty
             if name == "reconstructed":
                 self.frame_age_ms.append((time.time() - frame.t) * 1e3)
@@ -201,7 +226,9 @@ class ViewerWindow(QtWidgets.QMainWindow):
         maps = [m for m in (self.model.locmaps.get((channel, d)) for d in ("both", direction)) if m is not None]
         if maps:
             locmap = max(maps, key=lambda m: m.t)
-            self._show_locmap(locmap)
+            if self._shown.get(LOCALIZATION) is not locmap:
+                self._shown[LOCALIZATION] = locmap
+                self._show_locmap(locmap)
         self._show_tip()
         self._show_status()
         self.renders += 1
