@@ -5,7 +5,7 @@ All engines implement `Reconstructor` (engines.base); the daemon only talks to t
 
 from stm_live.engines.base import Reconstruction, Reconstructor, reconstruct_exact
 from stm_live.engines.chain import EngineChain
-from stm_live.engines.registry import ENGINES, create_chain, create_engine
+from stm_live.engines.registry import ENGINES, LEARNED_ENGINES, create_chain, create_engine
 
-__all__ = ["ENGINES", "EngineChain", "Reconstruction", "Reconstructor", "create_chain", "create_engine",
+__all__ = ["ENGINES", "EngineChain", "LEARNED_ENGINES", "Reconstruction", "Reconstructor", "create_chain", "create_engine",
            "reconstruct_exact"]

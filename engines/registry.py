@@ -25,6 +25,7 @@ def _model(options: RunnerOptions, backend: str) -> Reconstructor:
     return ModelReconstructor(backend=backend, options=options)
 
 
+LEARNED_ENGINES = ("model",)
 ENGINES: dict[str, Callable[[RunnerOptions, str], Reconstructor]] = {
     "model": _model,
     "classical": lambda options, backend: ClassicalReconstructor(),

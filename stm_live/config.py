@@ -58,6 +58,9 @@ class DaemonSettings(_Section):
     engine_cache_dir: str = Field("~/.cache/stm-live", description="built TensorRT engines and timing caches")
     engine_fallback: str = Field("classical", description="engine that takes a batch the first one failed or timed "
                                                           "out on; 'none' publishes those frames raw only")
+    model_units: list[str] = Field(["m"], description="with engine = model: the channel units the network "
+                                   "reconstructs (it was trained on heights); channels in other units (current, "
+                                   "frequency shift, ...) get the classical engine")
     engine_timeout_s: float = Field(10.0, gt=0, description="deadline per frame of a batch before the batch goes to "
                                                             "the fallback engine")
     reconstruct_every_lines: int = Field(16, ge=0, description="progressive reconstruction cadence; 0 = at scan end only")

@@ -23,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from stm_live.assembly import AssemblyError, DirectionFrames, FrameAssembler, ScanState
 from stm_live.batcher import BatchPolicy
 from stm_live.config import Settings
-from stm_live.engines import create_chain
+from stm_live.engines import LEARNED_ENGINES, create_chain
 from stm_live.export import ExportProcess, interrupted_scans
 from stm_live.localize.service import LocalizationService, LocalizeJob
 from stm_live.metrics import worth_logging
@@ -82,7 +82,10 @@ class Daemon:
         engines = create_chain(cfg.engine, cfg.engine_fallback, cfg.engine_timeout_s, cfg.engine_threads,
                                cfg.engine_backend, cfg.runner_options())
         policy = BatchPolicy(cfg.batch_max_frames, cfg.batch_max_delay_us, cfg.batch_bucket_px)
-        self.scheduler = ReconstructionScheduler(engines, self._send_from_worker, policy)
+        other_units = (create_chain("classical", "none", cfg.engine_timeout_s)
+                       if cfg.engine in LEARNED_ENGINES else None)
+        self.scheduler = ReconstructionScheduler(engines, self._send_from_worker, policy, other_units,
+                                                 tuple(cfg.model_units))
         self.localize = None
         if settings.localize.enabled:
             localize_engines = create_chain("classical" if cfg.engine == "none" else cfg.engine, cfg.engine_fallback,

@@ -54,8 +54,13 @@ class ReconstructionScheduler:
     """Pending jobs plus the worker thread that runs them."""
 
     def __init__(self, engine: EngineChain | None, sink: Callable[[Frame], None],
-                 policy: BatchPolicy = BatchPolicy()) -> None:
+                 policy: BatchPolicy = BatchPolicy(), other_units_engine: EngineChain | None = None,
+                 engine_units: tuple[str, ...] = ()) -> None:
+        """`other_units_engine`, when given, takes the channels whose unit is not in
+        `engine_units` (a network trained on heights is not asked to invent a current map)."""
         self.engine = engine
+        self.other_units_engine = other_units_engine
+        self.engine_units = engine_units
         self.sink = sink
         self.policy = policy
         self.latency = LatencyWindow()
@@ -71,7 +76,19 @@ class ReconstructionScheduler:
         return self.engine.name if self.engine else "none"
 
     def all_counters(self) -> dict[str, int]:
-        return {**self.counters, **(self.engine.counters if self.engine else {})}
+        counters = dict(self.counters)
+        for engine in self._engines():
+            for key, value in engine.counters.items():
+                counters[key] = counters.get(key, 0) + value
+        return counters
+
+    def _engines(self) -> list[EngineChain]:
+        return [e for e in (self.engine, self.other_units_engine) if e is not None]
+
+    def _engine_for(self, job: FrameJob) -> EngineChain | None:
+        if self.other_units_engine is not None and job.unit not in self.engine_units:
+            return self.other_units_engine
+        return self.engine
 
     def start(self) -> None:
         self._thread.start()
@@ -110,8 +127,8 @@ class ReconstructionScheduler:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.error("reconstruction worker still busy after %.0f s at shutdown", timeout)
-        if self.engine is not None:
-            self.engine.close()
+        for engine in self._engines():
+            engine.close()
 
     def _take(self) -> list[FrameJob]:
         with self._cond:
@@ -132,17 +149,21 @@ class ReconstructionScheduler:
             jobs = self._take()
             if not jobs:
                 return
-            for batch in plan_batches(jobs, self.policy):
-                self._process(batch)
+            by_engine: dict[int, list[FrameJob]] = {}
+            for job in jobs:
+                by_engine.setdefault(id(self._engine_for(job)), []).append(job)
+            batches = [batch for group in by_engine.values() for batch in plan_batches(group, self.policy)]
+            for batch in sorted(batches, key=lambda b: b[0].triggered):
+                self._process(self._engine_for(batch[0]), batch)
 
-    def _process(self, jobs: list[FrameJob]) -> None:
+    def _process(self, engine: EngineChain | None, jobs: list[FrameJob]) -> None:
         result = None
-        if self.engine is not None:
+        if engine is not None:
             self.counters["batches"] += 1
             self.counters["batched_frames"] += len(jobs)
             self.counters["padded_frames"] += sum(self.policy.bucket(j.image.shape) != j.image.shape for j in jobs)
             try:
-                result = reconstruct_batch(self.engine, jobs, self.policy)
+                result = reconstruct_batch(engine, jobs, self.policy)
             except Exception:
                 self.counters["reconstructions_failed"] += 1
                 log.exception("no engine reconstructed %d frame(s); publishing raw frames only", len(jobs))

@@ -17,10 +17,10 @@ from conftest import make_frame
 
 
 def job(uid: str, channel: str = "Z", size: tuple[int, int] = (64, 64), seed: int = 0, rows_seen: int = 0,
-        triggered: float | None = None, plan: str = "lines:4") -> FrameJob:
+        triggered: float | None = None, plan: str = "lines:4", unit: str = "m") -> FrameJob:
     mask = parse_plan(plan).mask(*size)
     image = np.where(mask, make_frame(*size, seed=seed), np.nan).astype(np.float32)
-    return FrameJob(uid, channel, "m", "forward", (10.0, 10.0), rows_seen or int(mask.any(axis=1).sum()), False,
+    return FrameJob(uid, channel, unit, "forward", (10.0, 10.0), rows_seen or int(mask.any(axis=1).sum()), False,
                     time.perf_counter() if triggered is None else triggered, image, mask)
 
 
@@ -87,6 +87,26 @@ def test_frames_of_many_scans_and_channels_share_calls_and_return_to_their_own_s
     for j in jobs:
         frame = reconstructed[(j.uid, j.channel)]
         assert np.array_equal(frame.image[j.mask], j.image[j.mask]), f"{j.uid}/{j.channel} got another scan's frame"
+
+
+def test_channels_in_other_units_go_to_the_other_engine():
+    """A network trained on heights reconstructs the height channels only; current and the like
+    go to the classical engine, each in its own batches."""
+    heights, others = Recording(), Recording()
+    others.name = "classical"
+    published = []
+    scheduler = ReconstructionScheduler(EngineChain([heights], timeout_s=30.0), published.append,
+                                        BatchPolicy(max_batch=8, max_delay_us=0),
+                                        EngineChain([others], timeout_s=30.0), ("m",))
+    jobs = [job(f"scan-{s}", channel, seed=10 * s + c, unit=unit)
+            for s in range(2) for c, (channel, unit) in enumerate((("Z", "m"), ("Current", "A"), ("df", "Hz")))]
+    scheduler.submit(jobs)
+    scheduler.start()
+    scheduler.close()
+    assert heights.calls == [(2, 64, 64)] and others.calls == [(4, 64, 64)]
+    methods = {f.channel: f.method for f in published if f.kind == "reconstructed"}
+    assert methods == {"Z": "recording", "Current": "classical", "df": "classical"}
+    assert scheduler.all_counters()["batches"] == 2 and scheduler.method == "recording"
 
 
 def test_a_lone_frame_runs_at_once_and_a_burst_waits_for_its_batch():
