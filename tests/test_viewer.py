@@ -61,6 +61,24 @@ def recorded(tmp_path_factory):
     return [m for m in h.listener.messages if m.type != "heartbeat"]
 
 
+@pytest.fixture
+def window_and_publisher(qapp):
+    """A viewer window subscribed to a PUB socket of the test's own."""
+    context = zmq.Context()
+    endpoint = free_tcp_endpoint()
+    pub = context.socket(zmq.PUB)
+    pub.bind(endpoint)
+    window = ViewerWindow(endpoint, context)
+    window.show()
+    yield window, pub
+    window.close_socket()
+    window.close()
+    window.deleteLater()
+    qapp.processEvents()
+    pub.close()
+    context.term()
+
+
 def panel_pixels(window: ViewerWindow, name: str) -> np.ndarray:
     """The rendered pixels of one panel's view box, as an (h, w, 4) array."""
     image = window.graphics.grab().toImage().convertToFormat(QtGui.QImage.Format.Format_RGB32)
@@ -70,62 +88,49 @@ def panel_pixels(window: ViewerWindow, name: str) -> np.ndarray:
     return pixels[rect.top():rect.bottom(), rect.left():rect.right()].copy()  # the QImage dies with this call
 
 
-def test_viewer_renders_a_recorded_stream_received_over_zeromq(qapp, recorded, tmp_path):
+def test_viewer_renders_a_recorded_stream_received_over_zeromq(qapp, recorded, window_and_publisher, tmp_path):
     assert any(isinstance(m, TipAlert) for m in recorded), "the recorded stream should hold a tip alert"
-    context = zmq.Context()
-    endpoint = free_tcp_endpoint()
-    pub = context.socket(zmq.PUB)
-    pub.bind(endpoint)
-    window = ViewerWindow(endpoint, context)
-    window.show()
-    try:
-        time.sleep(0.3)
-        for msg in recorded:
-            pub.send_multipart(encode(msg))
-        # The window knows no channel yet, so it takes everything but live frames: final ones
-        # of every slot, and the rest.
-        expected = sum(topic(m).startswith(TOPICS) for m in recorded)
-        assert 0 < expected < len(recorded)
-        deadline = time.monotonic() + 20
-        while window.model.received < expected and time.monotonic() < deadline:
-            qapp.processEvents()
-            time.sleep(0.01)
-        assert window.model.received == expected
-        assert [window.channel_box.itemText(i) for i in range(window.channel_box.count())] == ["Z", "Current"]
-        window.render()
+    window, pub = window_and_publisher
+    time.sleep(0.3)
+    for msg in recorded:
+        pub.send_multipart(encode(msg))
+    # The window knows no channel yet, so it takes everything but live frames: final ones
+    # of every slot, and the rest.
+    expected = sum(topic(m).startswith(TOPICS) for m in recorded)
+    assert 0 < expected < len(recorded)
+    deadline = time.monotonic() + 20
+    while window.model.received < expected and time.monotonic() < deadline:
         qapp.processEvents()
+        time.sleep(0.01)
+    assert window.model.received == expected
+    assert [window.channel_box.itemText(i) for i in range(window.channel_box.count())] == ["Z", "Current"]
+    window.render()
+    qapp.processEvents()
 
-        for name in ("measured", "reconstructed", "uncertainty", "localization"):
-            pixels = panel_pixels(window, name)
-            assert pixels.size and pixels[..., :3].std() > 10, f"{name} panel is empty"
-        assert "INFERRED" in window.views["reconstructed"].titleLabel.text
-        title = window.views["localization"].titleLabel.text
-        assert "INFERRED" in title and "masked-unet samples" in title and "sim-3-0000" in title
-        assert len(window.atoms.data) > 50
-        assert window.banner.isVisible() and "TIP ALERT" in window.banner.text()
-        assert all(bar.isVisible() and bar.text.toPlainText().endswith("nm") for bar in window.scale_bars.values())
-        assert len(window.scale_bars) == 4
-        assert "engine masked-unet" in window.status_label.text()
-        assert window.tip_label.text().startswith("tip: ")
+    for name in ("measured", "reconstructed", "uncertainty", "localization"):
+        pixels = panel_pixels(window, name)
+        assert pixels.size and pixels[..., :3].std() > 10, f"{name} panel is empty"
+    assert "INFERRED" in window.views["reconstructed"].titleLabel.text
+    title = window.views["localization"].titleLabel.text
+    assert "INFERRED" in title and "masked-unet samples" in title and "sim-3-0000" in title
+    assert len(window.atoms.data) > 50
+    assert window.banner.isVisible() and "TIP ALERT" in window.banner.text()
+    assert all(bar.isVisible() and bar.text.toPlainText().endswith("nm") for bar in window.scale_bars.values())
+    assert len(window.scale_bars) == 4
+    assert "engine masked-unet" in window.status_label.text()
+    assert window.tip_label.text().startswith("tip: ")
 
-        window.save_png(tmp_path / "view.png")
-        assert QtGui.QImage(str(tmp_path / "view.png")).width() == window.width()
-        window.save_frames(tmp_path / "frames.h5")
-        with h5py.File(tmp_path / "frames.h5") as h5:
-            assert h5["Z/forward/reconstructed"].attrs["inferred"]
-            assert not h5["Z/forward/raw"].attrs["inferred"]
-            measured = h5["Z/forward/raw/measured"][()]
-            raw, rec = h5["Z/forward/raw/image"][()], h5["Z/forward/reconstructed/image"][()]
-            assert np.array_equal(raw[measured], rec[measured])
-        window.save_frames(tmp_path / "frame.npy")
-        assert np.load(tmp_path / "frame.npy").shape == (128, 128)
-    finally:
-        window.close_socket()
-        window.close()
-        window.deleteLater()
-        qapp.processEvents()
-        pub.close()
-        context.term()
+    window.save_png(tmp_path / "view.png")
+    assert QtGui.QImage(str(tmp_path / "view.png")).width() == window.width()
+    window.save_frames(tmp_path / "frames.h5")
+    with h5py.File(tmp_path / "frames.h5") as h5:
+        assert h5["Z/forward/reconstructed"].attrs["inferred"]
+        assert not h5["Z/forward/raw"].attrs["inferred"]
+        measured = h5["Z/forward/raw/measured"][()]
+        raw, rec = h5["Z/forward/raw/image"][()], h5["Z/forward/reconstructed/image"][()]
+        assert np.array_equal(raw[measured], rec[measured])
+    window.save_frames(tmp_path / "frame.npy")
+    assert np.load(tmp_path / "frame.npy").shape == (128, 128)
 
 
 def test_rendering_keeps_references_to_none(qapp, recorded):
@@ -211,7 +216,8 @@ def test_a_frozen_viewer_costs_the_daemon_nothing_and_counts_what_it_missed(qapp
 
         counters = h.listener.last_status().counters
         published_frames = sum(n for k, n in counters.items() if k.startswith("published_frame:"))
-        assert [m.type for m in h.listener.messages].count("frame") == published_frames >= 4 * 128
+        # nearly a reconstruction per line (a loaded machine supersedes a few): far beyond both queues
+        assert [m.type for m in h.listener.messages].count("frame") == published_frames > 3 * 128
         at = {m.t: i for i, m in enumerate(h.listener.messages) if m.type == "status"}
         span = sum(topic(m).startswith(window.model.subscriptions)
                    for m in h.listener.messages[at[baseline] + 1:at[last] + 1])
@@ -231,14 +237,10 @@ def test_a_frozen_viewer_costs_the_daemon_nothing_and_counts_what_it_missed(qapp
         context.term()
 
 
-def test_the_viewer_takes_live_frames_of_the_shown_slot_only(qapp):
+def test_the_viewer_takes_live_frames_of_the_shown_slot_only(qapp, window_and_publisher):
     """Live frames of other channels and directions never leave the daemon for this viewer;
     final frames of every slot do; changing the selection moves the subscription."""
-    context = zmq.Context()
-    endpoint = free_tcp_endpoint()
-    pub = context.socket(zmq.PUB)
-    pub.bind(endpoint)
-    window = ViewerWindow(endpoint, context)
+    window, pub = window_and_publisher
     image = np.zeros((8, 8), np.float32)
 
     def frame(channel: str, direction: str, final: bool) -> Frame:
@@ -256,21 +258,13 @@ def test_the_viewer_takes_live_frames_of_the_shown_slot_only(qapp):
             time.sleep(0.01)
         return window.model.received
 
-    try:
-        window.channel_box.addItems(["Z", "Current"])
-        assert received_after_sending() == 4 + 1  # four finals, the live frame of Z forward
-        assert window.model.frame("Z", "forward", "raw") is not None
-        window.channel_box.setCurrentText("Current")
-        window.direction_box.setCurrentText("backward")
-        assert received_after_sending() == 2 * (4 + 1)
-        assert window.model.missed == 0
-    finally:
-        window.close_socket()
-        window.close()
-        window.deleteLater()
-        qapp.processEvents()
-        pub.close()
-        context.term()
+    window.channel_box.addItems(["Z", "Current"])
+    assert received_after_sending() == 4 + 1  # four finals, the live frame of Z forward
+    assert window.model.frame("Z", "forward", "raw") is not None
+    window.channel_box.setCurrentText("Current")
+    window.direction_box.setCurrentText("backward")
+    assert received_after_sending() == 2 * (4 + 1)
+    assert window.model.missed == 0
 
 
 def test_model_keeps_one_frame_per_slot_and_follows_the_newest_scan(recorded):
