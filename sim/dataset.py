@@ -112,6 +112,23 @@ def generate(out: str | Path, n: int, seed: int = 0, size_px: int = 256, shard_s
     return {**meta, "seconds": round(seconds, 2), "frames_per_s": round(done / seconds, 1), "workers": workers}
 
 
+def write_images(out: str | Path, n: int, seed: int, size_px: int = 256, scenario: str = "good") -> list[Path]:
+    """Forward height traces (nm) as .npy files, one surface after another: the simulator set that
+    `stm-live eval` scores reconstructions on."""
+    from stm_live.sim.surfaces import SURFACES
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(SURFACES)
+    paths = []
+    for i in range(n):
+        surface = names[i % len(names)]
+        frame = make_frame(seed, i, size_px, surface=surface, scenario=scenario)
+        paths.append(out / f"{i:02d}_{surface}.npy")
+        np.save(paths[-1], frame.forward_z_nm.astype(np.float64))
+    return paths
+
+
 def read_shard(path: str | Path) -> dict[str, np.ndarray]:
     """Every dataset of a shard as arrays (strings decoded)."""
     with h5py.File(path, "r") as h5:

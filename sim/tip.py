@@ -75,7 +75,7 @@ def image(topo: Topography, tip: Tip) -> np.ndarray:
     views = []
     for apex in tip.apices:
         dx, dy = apex.offset_nm
-        h = topo.canvas.image(tip.resolution_nm, (dx, dy))
+        h = topo.canvas.image(tip.resolution_nm * topo.resolution_scale, (dx, dy))
         if len(topo.steps.positions_nm):
             h = h + topo.terrace_height(x + dx, y + dy).astype(np.float32)
         views.append(h)

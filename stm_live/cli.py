@@ -88,6 +88,14 @@ def cmd_sim_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sim_images(args: argparse.Namespace) -> int:
+    from stm_live.sim.dataset import write_images
+
+    for path in write_images(args.out, args.n, args.seed, args.size, args.tip):
+        print(path)
+    return 0
+
+
 def cmd_sim_compare(args: argparse.Namespace) -> int:
     from stm_live.sim.compare import compare_real
 
@@ -414,6 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--surface", help="only this surface (default: all)")
     d.add_argument("--tip", help="only this tip scenario (default: a mix)")
     d.set_defaults(func=cmd_sim_dataset)
+    i = tasks.add_parser("images", help="write forward heights of simulated frames as .npy, for stm-live eval")
+    i.add_argument("--out", required=True)
+    i.add_argument("--n", type=int, default=18, help="number of frames, cycling through the nine surfaces")
+    i.add_argument("--seed", type=int, default=4242)
+    i.add_argument("--size", type=int, default=256)
+    i.add_argument("--tip", default="good", help="tip scenario")
+    i.set_defaults(func=cmd_sim_images)
     c = tasks.add_parser("compare-real", help="figures and spectra: simulator next to the real scans")
     c.add_argument("--out", default="docs/img")
     c.add_argument("--real", default="../shared/data/real")

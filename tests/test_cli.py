@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+
 from stm_live.bench import bench_e2e, bench_infer, bench_ingest
 from stm_live.config import Settings
 from stm_live.demo import free_tcp_endpoint
@@ -97,6 +99,20 @@ def test_sim_dataset_command_writes_shards(tmp_path):
     assert summary["frames"] == 5 and summary["shards"] == 3
     assert sorted(p.name for p in (tmp_path / "ds").glob("*.h5")) == [f"shard-0000{i}.h5" for i in range(3)]
     assert json.loads((tmp_path / "ds" / "dataset.json").read_text())["seed"] == 4
+
+
+def test_sim_images_are_reproducible_and_scored_by_eval(tmp_path):
+    for out in ("a", "b"):
+        result = stm_live("sim", "images", "--out", str(tmp_path / out), "--n", "3", "--size", "64")
+        assert result.returncode == 0, result.stderr
+    names = ["00_si111_7x7.npy", "01_si001_h.npy", "02_au111.npy"]
+    assert sorted(p.name for p in (tmp_path / "a").glob("*.npy")) == names
+    for name in names:
+        image = np.load(tmp_path / "a" / name)
+        assert image.shape == (64, 64) and np.array_equal(image, np.load(tmp_path / "b" / name))
+    result = stm_live("eval", str(tmp_path / "a" / names[0]), "--plan", "lines:4", "--json", str(tmp_path / "e.json"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["images"][0]["name"] == names[0]
 
 
 def test_drive_replay_reports_a_bad_file_and_exits(tmp_path):

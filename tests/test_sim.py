@@ -125,6 +125,18 @@ def test_weaker_apex_gives_a_weaker_ghost_and_blunt_tips_lose_resolution():
     assert blunt < 0.5 * sharp
 
 
+def test_every_good_tip_resolves_graphite_atoms_and_a_blunt_one_does_not():
+    """Graphite's giant corrugation: even the widest good tip leaves atoms well above pixel noise."""
+    def atomic_corrugation_pm(tip):
+        canvas = Canvas(256, 4.0, 16)
+        topo = SURFACES["graphite"](canvas, np.random.default_rng(0), 0.3, steps=False)
+        img = canvas.crop(tips.image(topo, tip))
+        return np.ptp(np.percentile(img - gaussian_filter(img, 8), [1, 99])) * 1000
+
+    widest_good = atomic_corrugation_pm(Tip("good", tips.GOOD_RESOLUTION_NM[1]))
+    assert widest_good > 10.0
+    assert atomic_corrugation_pm(Tip("blunt", tips.BLUNT_RESOLUTION_NM[0])) < 0.3 * widest_good
+
 def _probe(settings, seed=0):
     """A single-bump surface scanned with the given settings and a good tip."""
     topo = _single_bump()

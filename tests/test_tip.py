@@ -164,6 +164,8 @@ def test_eval_tip_reports_every_figure(classifier):
     assert result["windows"] == sum(result["window_counts"].values()) > 0
     assert 0.0 <= result["monitor"]["auroc_good_vs_degraded"] <= 1.0
     assert result["false_alerts_per_100_clean_frames"] >= 0
+    surfaces = result["monitor_per_surface"]
+    assert sum(s["windows"] for s in surfaces.values()) == result["windows"]
 
 
 # -- conditioning policy -----------------------------------------------------------------------

@@ -59,11 +59,13 @@ def stream(monitor: TipMonitor, sequence: RowSequence, uid: str) -> tuple[list[R
     return readings, alerts
 
 
-def _collect(readings: list[Reading], sequence: RowSequence, scores: list, beliefs: list, labels: list) -> None:
+def _collect(readings: list[Reading], sequence: RowSequence, scores: list, beliefs: list, labels: list,
+             surfaces: list) -> None:
     for i, window, belief in readings:
         scores.append(window)
         beliefs.append(belief)
         labels.append(int(sequence.labels[i]))
+        surfaces.append(sequence.surface)
 
 
 def _aurocs(p: np.ndarray, y: np.ndarray) -> dict:
@@ -72,11 +74,25 @@ def _aurocs(p: np.ndarray, y: np.ndarray) -> dict:
             "auroc_per_class": {state: auroc(p[:, c], y == c) for c, state in enumerate(TIP_STATES)}}
 
 
+def _per_surface(p: np.ndarray, y: np.ndarray, surfaces: np.ndarray) -> dict:
+    """Where the monitor is weak: good vs degraded and good vs multi, one surface at a time."""
+    good, multi = TIP_STATES.index(GOOD), TIP_STATES.index("multi")
+    out = {}
+    for surface in sorted(set(surfaces)):
+        on = surfaces == surface
+        pair = on & ((y == good) | (y == multi))
+        out[surface] = {"windows": int(on.sum()),
+                        "auroc_good_vs_degraded": auroc(1 - p[on, good], y[on] != good),
+                        "auroc_good_vs_multi": auroc(1 - p[pair, good], y[pair] == multi)}
+    return out
+
+
 def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1, hop: int = 2,
                  progress: Callable[[int], None] = lambda n: None) -> dict:
     scores: list[np.ndarray] = []
     beliefs: list[np.ndarray] = []
     labels: list[int] = []
+    surfaces: list[str] = []
     delays: list[int] = []
     missed = early = 0
     started = time.perf_counter()
@@ -85,7 +101,7 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
         for k, sequence in enumerate(evaluation_sequences(EVALUATION_SEED, episodes, scenario, stride=stride)):
             monitor = TipMonitor(classifier, hop=hop)
             readings, alerts = stream(monitor, sequence, f"{scenario}-{k}")
-            _collect(readings, sequence, scores, beliefs, labels)
+            _collect(readings, sequence, scores, beliefs, labels, surfaces)
             progress(1)
             if scenario != "change" or sequence.change_at is None:
                 continue
@@ -104,14 +120,16 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
     for k, sequence in enumerate(evaluation_sequences(EVALUATION_SEED + 1, episodes, "good", stride=stride)):
         readings, alerts = stream(clean_monitor, sequence, f"good-{k}")
         false_alerts += sum(1 for _, state in alerts if state != GOOD)
-        _collect(readings, sequence, scores, beliefs, labels)
+        _collect(readings, sequence, scores, beliefs, labels, surfaces)
         progress(1)
 
     y = np.array(labels)
+    belief = np.array(beliefs)
     return {
         "episodes_per_scenario": episodes, "stride": stride, "hop": hop, "windows": int(len(y)),
         "window_counts": {state: int((y == c).sum()) for c, state in enumerate(TIP_STATES)},
-        "monitor": _aurocs(np.array(beliefs), y), "single_window": _aurocs(np.array(scores), y),
+        "monitor": _aurocs(belief, y), "single_window": _aurocs(np.array(scores), y),
+        "monitor_per_surface": _per_surface(belief, y, np.array(surfaces)),
         "tip_changes": {"detected": len(delays), "missed": missed, "alerts_before_change": early,
                         "median_delay_rows": float(np.median(delays)) if delays else None,
                         "p90_delay_rows": float(np.percentile(delays, 90)) if delays else None},
