@@ -286,6 +286,24 @@ def cmd_tap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_crops(args: argparse.Namespace) -> int:
+    from stm_live.localize.requests import request_crops
+
+    settings = _settings(args, {})
+    endpoint = args.connect or settings.localize.requests
+    if not endpoint:
+        print("stm-live crops: no endpoint (--connect, or localize.requests in the config)", file=sys.stderr)
+        return 2
+    try:
+        reply = request_crops(endpoint, args.channel, args.direction, args.box, args.timeout,
+                              security=_security(settings))
+    except (TimeoutError, ValueError) as exc:
+        print(f"stm-live crops: {exc}", file=sys.stderr)
+        return 5
+    print(json.dumps(reply, indent=2))
+    return 0 if reply["outcome"] == "queued" else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from stm_live.demo import format_summary, run_demo
 
@@ -348,10 +366,9 @@ def cmd_bench_view(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_fuzz(args: argparse.Namespace) -> int:
-    from stm_live.fuzz import fuzz
+    from stm_live.fuzz import TARGETS, fuzz
 
-    result = fuzz(args.seconds, args.seed, args.crashes, tuple(args.target or ("protocol", "action", "nanonis",
-                                                                               "scanfile", "config")))
+    result = fuzz(args.seconds, args.seed, args.crashes, tuple(args.target or TARGETS))
     _print_json(result, args.json)
     return 1 if result["crashes"] else 0
 
@@ -530,6 +547,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic", action="append", help="only these message types (repeatable)")
     p.set_defaults(func=cmd_tap)
 
+    p = sub.add_parser("crops", help="ask the daemon to localize the molecules of its newest map on their own "
+                                     "super-resolved crops (published as that frame's locmap again)")
+    p.add_argument("--connect", help="the daemon's localize.requests endpoint (default: from the config)")
+    p.add_argument("--channel", default="Z")
+    p.add_argument("--direction", default="forward", choices=("forward", "backward"))
+    p.add_argument("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"),
+                   help="a box in nm instead of the detected molecules (repeatable)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")
+    p.set_defaults(func=cmd_crops)
+
     p = sub.add_parser("demo", help="simulator -> daemon on loopback, with a quality and latency summary")
     p.add_argument("--frames", type=int)
     p.add_argument("--size", type=int)
@@ -600,7 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("fuzz", help="mutated inputs into every decoder; only their own errors may come out")
     b.add_argument("--seconds", type=float, default=60.0)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--target", action="append", choices=("protocol", "action", "nanonis", "scanfile", "config"))
+    b.add_argument("--target", action="append",
+                   choices=("protocol", "action", "crops", "nanonis", "scanfile", "config"))
     b.add_argument("--crashes", default="fuzz-crashes", help="directory for inputs that crashed a decoder")
     b.add_argument("--json", help="write the result here too")
     b.set_defaults(func=cmd_bench_fuzz)

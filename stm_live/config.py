@@ -112,6 +112,11 @@ class LocalizeSettings(_Section):
     max_duty: float = Field(0.5, gt=0, le=1, description="fraction of the time the localization thread may work")
     molecules: bool = Field(False, description="also detect supramolecules in each frame (a detector trained on "
                                                "simulated supramolecules among other molecules)")
+    requests: str = Field("", description="endpoint to bind for crop requests (`stm-live crops`): the molecules "
+                                          "of the newest map localized on their own super-resolved crops; "
+                                          "empty = off")
+    crop_factor: int = Field(4, ge=2, le=8, description="super-resolution factor of a requested crop")
+    max_crops: int = Field(8, ge=1, le=64, description="molecules localized per request, the best scored first")
 
 
 class LimitSettings(_Section):

@@ -25,6 +25,7 @@ from stm_live.batcher import BatchPolicy
 from stm_live.config import Settings
 from stm_live.engines import LEARNED_ENGINES, create_chain
 from stm_live.export import ExportProcess, interrupted_scans
+from stm_live.localize.requests import CropRequestServer
 from stm_live.localize.service import LocalizationService, LocalizeJob
 from stm_live.metrics import worth_logging
 from stm_live.protocol import (
@@ -87,6 +88,7 @@ class Daemon:
         self.scheduler = ReconstructionScheduler(engines, self._send_from_worker, policy, other_units,
                                                  tuple(cfg.model_units))
         self.localize = None
+        self.crop_requests: CropRequestServer | None = None
         if settings.localize.enabled:
             localize_engines = create_chain("classical" if cfg.engine == "none" else cfg.engine, cfg.engine_fallback,
                                             cfg.engine_timeout_s, cfg.engine_threads, cfg.engine_backend,
@@ -141,6 +143,10 @@ class Daemon:
             self.scheduler.start()
             if self.localize is not None:
                 self.localize.start()
+                if self.settings.localize.requests:
+                    self.crop_requests = CropRequestServer(self.settings.localize.requests,
+                                                           self.localize.request_crops, self.context, self.security)
+                    self.crop_requests.start()
             if self.tip is not None:
                 self.tip.start()
             if self.recorder is not None and cfg.export_hdf5:
@@ -156,6 +162,8 @@ class Daemon:
             for scan in self.assembler.close_all("aborted"):
                 self._finish_scan(scan)
             self.scheduler.close()
+            if self.crop_requests is not None:
+                self.crop_requests.close()
             if self.localize is not None:
                 self.localize.close()
             if self.tip is not None:
@@ -380,6 +388,8 @@ class Daemon:
             counters.update(self.tip.all_counters())
         if self.localize is not None:
             counters.update(self.localize.counters)
+        if self.crop_requests is not None:
+            counters.update(self.crop_requests.counters)
         counters["dropped"] = sum(self.drops.counts.values())
         counters.update({f"published_{topic}": count for topic, count in self.published.items()})
         latency = {k: v for k, v in self.scheduler.latency.summary().items() if k != "n"}

@@ -3,6 +3,7 @@
 Targets, each with the one exception type it is allowed to raise on bad input:
 - `protocol`: wire messages (multipart frames) -> Decoder.decode, ProtocolError;
 - `action`: action-channel requests -> ActionServer's answer, never an exception (a refusal);
+- `crops`: crop requests to the daemon -> parse_request, CropRequestError;
 - `nanonis`: Nanonis TCP replies to every client command, through a real socket pair ->
   NanonisClient, NanonisProtocolError / NanonisError / ConnectionError;
 - `scanfile`: .sxm, .sm4, .dat and .npy files (real scans when ../shared/data/real is present,
@@ -31,6 +32,8 @@ import numpy as np
 from stm_live.machine import machine
 
 log = logging.getLogger(__name__)
+
+TARGETS = ("protocol", "action", "crops", "nanonis", "scanfile", "config")
 
 
 def mutate(data: bytes, rng: np.random.Generator) -> bytes:
@@ -132,6 +135,16 @@ def _action_target() -> Target:
             raise AssertionError(f"bad reply {reply!r}")
 
     return Target("action", seeds, run, (), lambda raw, rng: mutate(raw, rng), lambda raw: raw)
+
+
+def _crops_target() -> Target:
+    from stm_live.localize.requests import CropRequestError, parse_request
+
+    seeds = [msgpack.packb({"v": 1, "channel": "Z", "direction": "forward"}),
+             msgpack.packb({"v": 1, "channel": "Z", "direction": "backward", "boxes_nm": [[1.0, 2.0, 3.5, 4.0],
+                                                                                         [0, 0, 1, 1]]})]
+    return Target("crops", seeds, parse_request, (CropRequestError,), lambda raw, rng: mutate(raw, rng),
+                  lambda raw: raw)
 
 
 def _nanonis_target() -> Target:
@@ -264,7 +277,7 @@ def _config_target(work: Path) -> Target:
 
 
 def fuzz(seconds: float = 60.0, seed: int = 0, out_dir: str | Path = "fuzz-crashes",
-         targets: tuple[str, ...] = ("protocol", "action", "nanonis", "scanfile", "config")) -> dict[str, Any]:
+         targets: tuple[str, ...] = TARGETS) -> dict[str, Any]:
     """Mutated inputs for `seconds`, each target getting an equal share of the time (a slow
     target, a scan file, does not starve a fast one, a message); crashes saved to `out_dir`."""
     rng = np.random.default_rng(seed)
@@ -275,7 +288,8 @@ def fuzz(seconds: float = 60.0, seed: int = 0, out_dir: str | Path = "fuzz-crash
     with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="stm-live-fuzz-") as tmp:
         warnings.simplefilter("ignore")
         work = Path(tmp)
-        makers = {"protocol": _frames_target, "action": _action_target, "nanonis": _nanonis_target,
+        makers = {"protocol": _frames_target, "action": _action_target, "crops": _crops_target,
+                  "nanonis": _nanonis_target,
                   "scanfile": lambda: _scanfile_target(work), "config": lambda: _config_target(work)}
         chosen = [makers[name]() for name in targets]
         for target in chosen:  # each seed once, unmutated: one-time imports do not count against a share

@@ -199,6 +199,11 @@ class ActionReport:
     type = "action"
 
 
+ATOM_COLUMNS = ("x_nm", "y_nm", "height", "precision_nm", "support")
+MOLECULE_COLUMNS = ("x0_nm", "y0_nm", "x1_nm", "y1_nm", "score")
+MOLECULE_ATOM_COLUMNS = (*ATOM_COLUMNS, "molecule")
+
+
 @dataclass(frozen=True)
 class LocMap:
     """A localization map of one final frame; always inferred. `direction` 'both' holds the atoms
@@ -210,7 +215,9 @@ class LocMap:
     the previous frame of this channel and direction (drift_x_nm_s, drift_y_nm_s: how fast the
     image content moves, x right, y down the rows) and, on 'both' maps, the forward trace's
     offset from the backward one (trace_offset_x_nm, trace_offset_y_nm: twice the feedback lag
-    plus the piezo hysteresis)."""
+    plus the piezo hysteresis). `molecule_atoms` is (6, L): the atoms of molecules localized on
+    their own super-resolved crops at a user's request (ATOM_COLUMNS, then the molecule's column
+    in `molecules`); empty on the map published for every frame."""
 
     uid: str
     channel: str
@@ -228,11 +235,10 @@ class LocMap:
     atoms: np.ndarray
     molecules: np.ndarray
     motion: dict[str, float] = field(default_factory=dict)
+    molecule_atoms: np.ndarray = field(default_factory=lambda: np.zeros((len(MOLECULE_ATOM_COLUMNS), 0)))
     type = "locmap"
 
 
-ATOM_COLUMNS = ("x_nm", "y_nm", "height", "precision_nm", "support")
-MOLECULE_COLUMNS = ("x0_nm", "y0_nm", "x1_nm", "y1_nm", "score")
 LOCMAP_DIRECTIONS = (*LINE_DIRECTIONS, "both")
 BRAVAIS_CLASSES = ("oblique", "rectangular", "centered_rectangular", "square", "hexagonal", "none")
 LATTICE_FIELDS = ("a_nm", "b_nm", "angle_deg")
@@ -313,7 +319,8 @@ def encode(msg: Message) -> list[Any]:
                       samples=msg.samples, spacing_nm=msg.spacing_nm, sigma_nm=msg.sigma_nm,
                       density_pixel_nm=msg.density_pixel_nm, bravais=msg.bravais, lattice=msg.lattice,
                       motion=msg.motion, latency_s=msg.latency_s, t=msg.t)
-        arrays = [("density", msg.density), ("atoms", msg.atoms), ("molecules", msg.molecules)]
+        arrays = [("density", msg.density), ("atoms", msg.atoms), ("molecules", msg.molecules),
+                  ("molecule_atoms", msg.molecule_atoms)]
     else:
         raise TypeError(f"not a protocol message: {type(msg).__name__}")
     contiguous = [np.ascontiguousarray(a) for _, a in arrays]
@@ -589,13 +596,14 @@ class Decoder:
 
 
     def _locmap(self, f: _Fields, names: list[str], arrays: list[np.ndarray]) -> LocMap:
-        if names != ["density", "atoms", "molecules"]:
+        if names != ["density", "atoms", "molecules", "molecule_atoms"]:
             raise ProtocolError("array_mismatch", f"locmap arrays {names}")
-        density, atoms, molecules = arrays
+        density, atoms, molecules, molecule_atoms = arrays
         if (density.ndim != 2 or density.size == 0 or atoms.ndim != 2 or atoms.shape[0] != len(ATOM_COLUMNS)
-                or molecules.ndim != 2 or molecules.shape[0] != len(MOLECULE_COLUMNS)):
+                or molecules.ndim != 2 or molecules.shape[0] != len(MOLECULE_COLUMNS)
+                or molecule_atoms.ndim != 2 or molecule_atoms.shape[0] != len(MOLECULE_ATOM_COLUMNS)):
             raise ProtocolError("bad_shape", f"locmap density {density.shape}, atoms {atoms.shape}, "
-                                             f"molecules {molecules.shape}")
+                                             f"molecules {molecules.shape}, molecule_atoms {molecule_atoms.shape}")
         bravais = f.choice("bravais", BRAVAIS_CLASSES)
         lattice = f.numbers("lattice", () if bravais == "none" else LATTICE_FIELDS)
         motion = f.numbers("motion")
@@ -607,7 +615,8 @@ class Decoder:
                       samples=f.count("samples", 1, 10_000), spacing_nm=f.number("spacing_nm"),
                       sigma_nm=f.number("sigma_nm"), density_pixel_nm=f.number("density_pixel_nm"),
                       bravais=bravais, lattice=lattice, latency_s=f.number("latency_s"), t=f.number("t"),
-                      density=density, atoms=atoms, molecules=molecules, motion=motion)
+                      density=density, atoms=atoms, molecules=molecules, motion=motion,
+                      molecule_atoms=molecule_atoms)
 
 
 def _no_arrays(arrays: list[np.ndarray]) -> None:

@@ -7,7 +7,8 @@ from stm_live.fuzz import fuzz
 
 
 def test_a_short_fuzz_run_finds_no_crash(tmp_path):
-    result = fuzz(seconds=4.0, seed=1, out_dir=tmp_path / "crashes", targets=("protocol", "action", "nanonis", "config"))
+    targets = ("protocol", "action", "crops", "nanonis", "config")
+    result = fuzz(seconds=4.0, seed=1, out_dir=tmp_path / "crashes", targets=targets)
     assert result["crashes"] == 0, result
     for name, target in result["targets"].items():
         assert target["inputs"] >= 500 and (target["rejected_cleanly"] > 0 or name == "action"), (name, target)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -365,3 +366,70 @@ def test_the_shipped_detector_finds_supramolecules_among_other_molecules():
     result = evaluate_detector(MoleculeDetector(), frames=8, seed=123, plan="lines:4")
     assert result["supramolecules"] > 20
     assert result["precision"] >= 0.85 and result["recall"] >= 0.85
+
+
+def test_daemon_localizes_molecules_on_their_crops_when_asked(settings):
+    """A simulated supramolecule scene streamed through the daemon; `stm-live crops` asks for its
+    molecules: the map comes back with their atoms, each inside its own box. Bad requests are
+    refused with a reason and counted; the daemon keeps serving."""
+    from stm_live.localize.evaluation import truth_frame
+    from stm_live.localize.peaks import nearest_neighbour_nm
+    from stm_live.localize.requests import REQUEST_VERSION, request_crops
+    from stm_live.demo import free_tcp_endpoint
+
+    frame = truth_frame("supramolecules", np.random.default_rng(3), 160)
+    size_nm = frame.topography.canvas.frame_nm
+    image = frame.forward_z_nm.astype(np.float32) * 1e-9
+    settings.localize.samples_cpu = 4
+    settings.localize.spacing_nm = nearest_neighbour_nm(frame.topography.atoms_nm)
+    settings.localize.directions = ["forward"]
+    settings.localize.molecules = True
+    settings.localize.requests = free_tcp_endpoint()
+    context = zmq.Context()
+    harness = Harness(settings, context).start()
+    try:
+        endpoint = settings.localize.requests
+        refused = request_crops(endpoint, "Z")
+        assert refused["outcome"] == "refused" and "no localization map" in refused["detail"]
+        start = scan_start("scene", rows=160, cols=160)
+        harness.publisher.scan_start(replace(start, size_nm=(size_nm, size_nm)))
+        for row in range(160):
+            harness.publisher.line("scene", row, "forward", start.channels, [image[row], image[row] * 0])
+        harness.publisher.scan_end("scene")
+        maps = lambda: [m for m in harness.listener.messages if isinstance(m, LocMap)]
+        harness.listener.until(lambda ms: len(maps()) == 1, timeout=60, what="the frame's map")
+        first = maps()[0]
+        assert first.molecules.shape[1] >= 1 and first.molecule_atoms.shape == (6, 0)
+
+        command = subprocess.run([sys.executable, "-m", "stm_live", "crops", "--connect", endpoint, "--channel", "Z"],
+                                 capture_output=True, text=True, timeout=60)
+        assert command.returncode == 0, command.stderr
+        queued = json.loads(command.stdout)
+        assert queued["outcome"] == "queued" and queued["uid"] == "scene"
+        assert queued["boxes"] == min(first.molecules.shape[1], settings.localize.max_crops)
+        harness.listener.until(lambda ms: len(maps()) == 2, timeout=60, what="the map with crop atoms")
+        again = maps()[1]
+        assert again.uid == "scene" and np.array_equal(again.atoms, first.atoms)
+        atoms = again.molecule_atoms
+        assert atoms.shape[0] == 6 and atoms.shape[1] >= queued["boxes"]
+        boxes = again.molecules[:4].T[atoms[5].astype(int)]
+        x, y = atoms[0], atoms[1]
+        assert np.all((x >= boxes[:, 0]) & (x < boxes[:, 2]) & (y >= boxes[:, 1]) & (y < boxes[:, 3]))
+        found, _ = match(atoms[:2].T, frame.topography.atoms_nm, 0.3 * settings.localize.spacing_nm)
+        assert len(found) >= 0.8 * atoms.shape[1], "the crop atoms are the true metal centres"
+
+        outside = request_crops(endpoint, "Z", boxes_nm=[[size_nm + 1, 0, size_nm + 2, 1]])
+        assert outside["outcome"] == "refused" and "outside" in outside["detail"]
+        assert request_crops(endpoint, "Current", "backward")["outcome"] == "refused"
+        raw = context.socket(zmq.REQ)
+        raw.connect(endpoint)
+        raw.send(b"\xc1 not msgpack")
+        assert raw.poll(5000) and b"refused" in raw.recv()
+        raw.send(msgpack.packb({"v": REQUEST_VERSION, "channel": "Z", "boxes_nm": [[1, 1, 0, 0]]}))
+        assert raw.poll(5000) and b"x1 > x0" in raw.recv()
+        raw.close()
+        status = harness.status_after(lambda s: s.counters["crop_requests"] == 6)
+        assert status.counters["crop_requests_refused"] == 5 and status.counters["crop_maps_published"] == 1
+    finally:
+        harness.stop()
+        context.term()

@@ -4,6 +4,7 @@ import os
 import sys
 import threading
 import time
+from dataclasses import replace
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
@@ -119,6 +120,18 @@ def test_viewer_renders_a_recorded_stream_received_over_zeromq(qapp, recorded, w
     assert len(window.scale_bars) == 4
     assert "engine masked-unet" in window.status_label.text()
     assert window.tip_label.text().startswith("tip: ")
+
+    shown = window._shown["localization"]
+    atoms = np.vstack([shown.atoms[:, :3], np.zeros((1, 3))])
+    box = np.array([[atoms[0].min(), atoms[1].min(), atoms[0].max() + 0.1, atoms[1].max() + 0.1, 1.0]]).T
+    pub.send_multipart(encode(replace(shown, molecules=box, molecule_atoms=atoms, t=shown.t + 1)))
+    deadline = time.monotonic() + 10
+    while window.model.received < expected + 1 and time.monotonic() < deadline:
+        qapp.processEvents()
+        time.sleep(0.01)
+    window.render()
+    assert "1 molecules (3 atoms on their crops)" in window.views["localization"].titleLabel.text
+    assert len(window.molecule_atoms.data) == 3
 
     window.save_png(tmp_path / "view.png")
     assert QtGui.QImage(str(tmp_path / "view.png")).width() == window.width()

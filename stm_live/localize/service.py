@@ -7,6 +7,8 @@ frames arrive faster than they can be localized the oldest waiting one is droppe
 When both traces are localized, the second one's map is followed by a 'both' map: the atoms of
 both traces with the feedback loop's lag removed, and the offset between the traces. Each map
 also carries the drift measured against the previous frame of its channel and direction.
+On request (`requests.py`) the molecules of a channel and trace's newest map are localized on
+their own super-resolved crops, on this same thread, and that map is published again with them.
 The thread rests after each map so that it uses at most `max_duty` of the time: on a machine
 with few cores the ingest, reconstruction and tip threads keep their share.
 """
@@ -24,10 +26,12 @@ import numpy as np
 
 from stm_live.config import LocalizeSettings
 from stm_live.engines import EngineChain, reconstruct_exact
+from stm_live.localize.crops import crop_atoms
 from stm_live.localize.drift import DriftTracker
 from stm_live.localize.lattice import LatticeError, analyze_lattice
 from stm_live.localize.locmap import Atoms, combine_traces, localization_map
 from stm_live.localize.peaks import dominant_spacing_nm
+from stm_live.localize.requests import CropRequestError
 from stm_live.metrics import worth_logging
 from stm_live.protocol import ATOM_COLUMNS, MOLECULE_COLUMNS, LocMap, Message
 
@@ -48,6 +52,22 @@ class LocalizeJob:
     started_t: float  # the scan's start on the instrument clock: successive frames' drift
 
 
+@dataclass(frozen=True)
+class _Localized:
+    """The newest map of one channel and trace, with the reconstruction a crop is cut from."""
+
+    size_nm: tuple[float, float]
+    single: np.ndarray
+    message: LocMap
+
+
+@dataclass(frozen=True)
+class CropJob:
+    localized: _Localized
+    boxes_nm: np.ndarray  # (K, 4), the rows of the published `molecules` table
+    submitted: float
+
+
 class LocalizationService:
     def __init__(self, settings: LocalizeSettings, engine: EngineChain, sink: Callable[[Message], None],
                  max_atoms: int = 8192, max_density_px: int = 8192) -> None:
@@ -57,8 +77,10 @@ class LocalizationService:
         self.max_atoms, self.max_density_px = max_atoms, max_density_px
         backend = getattr(engine, "backend", "")
         self.samples = settings.samples if "cuda" in backend else settings.samples_cpu
-        self.counters = {"locmaps_published": 0, "locmaps_dropped": 0, "locmaps_skipped": 0, "locmap_errors": 0}
-        self._jobs: queue.Queue[LocalizeJob | None] = queue.Queue(settings.max_queued)
+        self.counters = {"locmaps_published": 0, "locmaps_dropped": 0, "locmaps_skipped": 0, "locmap_errors": 0,
+                         "crop_maps_published": 0}
+        self._jobs: queue.Queue[LocalizeJob | CropJob | None] = queue.Queue(settings.max_queued)
+        self._latest: dict[tuple[str, str], _Localized] = {}
         self._rng = np.random.default_rng()
         self._closing = threading.Event()
         self._unpaired: dict[str, tuple[str, str, Atoms, LocMap]] = {}  # per channel: the newest lone trace
@@ -95,6 +117,31 @@ class LocalizationService:
                         log.warning("localization behind: dropped the map of %s/%s (%d dropped so far)",
                                     dropped.uid, dropped.channel, count)
 
+    def request_crops(self, channel: str, direction: str, boxes_nm: np.ndarray | None) -> tuple[str, int]:
+        """Queue the crops of the newest map of (channel, direction): the given boxes, or the
+        molecules found there. Called on the request thread; returns (uid, molecules queued)."""
+        localized = self._latest.get((channel, direction))
+        if localized is None:
+            raise CropRequestError(f"no localization map of {channel}/{direction} yet")
+        if boxes_nm is None:
+            found = localized.message.molecules
+            if found.shape[1] == 0:
+                raise CropRequestError(f"no molecules in the newest map of {channel}/{direction} "
+                                       "(localize.molecules finds them; or give boxes_nm)")
+            boxes = found.T[np.argsort(-found[4], kind="stable")]
+        else:
+            width, height = localized.size_nm
+            x0, y0, x1, y1 = boxes_nm.T
+            if not ((x0 < width) & (x1 > 0) & (y0 < height) & (y1 > 0)).all():
+                raise CropRequestError(f"boxes outside the {width:g} x {height:g} nm frame")
+            boxes = np.concatenate([boxes_nm, np.ones((len(boxes_nm), 1))], axis=1)
+        boxes = boxes[:self.settings.max_crops]
+        try:
+            self._jobs.put_nowait(CropJob(localized, boxes, time.perf_counter()))
+        except queue.Full:
+            raise CropRequestError("localization is busy; ask again in a moment") from None
+        return localized.message.uid, len(boxes)
+
     def close(self, timeout: float = 30.0) -> None:
         """Finish the frames already queued, then stop, and release the engines."""
         if self._thread.ident is not None:
@@ -107,15 +154,16 @@ class LocalizationService:
         duty = self.settings.max_duty
         while (job := self._jobs.get()) is not None:
             started = time.perf_counter()
+            frame = job.localized.message if isinstance(job, CropJob) else job
             try:
-                messages = self.localize(job)
+                messages = [self.crops(job)] if isinstance(job, CropJob) else self.localize(job)
             except Exception:
                 self.counters["locmap_errors"] += 1
-                log.exception("localization of %s/%s failed", job.uid, job.channel)
+                log.exception("localization of %s/%s failed", frame.uid, frame.channel)
                 messages = []
             for published in messages:
                 self.sink(published)
-                self.counters["locmaps_published"] += 1
+                self.counters["crop_maps_published" if isinstance(job, CropJob) else "locmaps_published"] += 1
             self._closing.wait((time.perf_counter() - started) * (1 - duty) / duty)
 
     def localize(self, job: LocalizeJob) -> list[LocMap]:
@@ -140,6 +188,19 @@ class LocalizationService:
                                    "trace_offset_y_nm": float(offset[1])},
                            latency_s=time.perf_counter() - job.submitted, t=time.time())
         return [message, combined]
+
+    def crops(self, job: CropJob) -> LocMap:
+        """The frame's map again, with the atoms of each box localized on its super-resolved crop."""
+        message = job.localized.message
+        pixel = job.localized.size_nm[0] / job.localized.single.shape[1]
+        tables = []
+        for index, box in enumerate(job.boxes_nm):
+            atoms = crop_atoms(self.engine, job.localized.single, pixel, box[:4], message.spacing_nm, self.samples,
+                               self._rng, self.settings.crop_factor)
+            tables.append(np.vstack([self._table(atoms), np.full((1, len(atoms.x_nm)), float(index))]))
+        return replace(message, molecules=job.boxes_nm.T.astype(np.float64),
+                       molecule_atoms=np.concatenate(tables, axis=1)[:, :self.max_atoms],
+                       latency_s=time.perf_counter() - job.submitted, t=time.time())
 
     def _localize_trace(self, job: LocalizeJob) -> tuple[Atoms, LocMap] | None:
         rows, cols = job.image.shape
@@ -179,6 +240,7 @@ class LocalizationService:
                          latency_s=time.perf_counter() - job.submitted, t=time.time(),
                          density=result.density, atoms=self._table(result.atoms),
                          molecules=molecules.astype(np.float64), motion=motion)
+        self._latest[(job.channel, job.direction)] = _Localized(job.size_nm, single, message)
         return result.atoms, message
 
     def _table(self, atoms: Atoms) -> np.ndarray:

@@ -138,6 +138,8 @@ class ViewerWindow(QtWidgets.QMainWindow):
         view.addItem(self.atoms)
         self.molecule_boxes = pg.PlotDataItem(pen=pg.mkPen("#76ff03", width=1.5), connect="finite")
         view.addItem(self.molecule_boxes)
+        self.molecule_atoms = pg.ScatterPlotItem(size=7, symbol="x", pen=pg.mkPen("#76ff03", width=1.2), pxMode=True)
+        view.addItem(self.molecule_atoms)
         self.views[LOCALIZATION], self.images[LOCALIZATION] = view, image
         self.setCentralWidget(central)
         self.status_label = QtWidgets.QLabel("waiting for the daemon")
@@ -270,6 +272,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
         nan = np.full_like(x0, np.nan)
         self.molecule_boxes.setData(np.stack([x0, x1, x1, x0, x0, nan], axis=1).ravel(),
                                     np.stack([y0, y0, y1, y1, y0, nan], axis=1).ravel())
+        self.molecule_atoms.setData(locmap.molecule_atoms[0], locmap.molecule_atoms[1])
         if LOCALIZATION not in self.scale_bars:
             self.scale_bars[LOCALIZATION] = self._scale_bar(LOCALIZATION, cols * locmap.density_pixel_nm)
         precision = f"{1000 * np.median(locmap.atoms[3]):.1f} pm" if locmap.atoms.shape[1] else "-"
@@ -280,7 +283,9 @@ class ViewerWindow(QtWidgets.QMainWindow):
                  if "drift_x_nm_s" in motion else "")
         self._set_title(LOCALIZATION,
             f"Localization map: INFERRED [{locmap.uid} {locmap.direction}]<br>{locmap.atoms.shape[1]} atoms, "
-            f"{locmap.molecules.shape[1]} molecules, {locmap.samples} "
+            f"{locmap.molecules.shape[1]} molecules"
+            f"{f' ({locmap.molecule_atoms.shape[1]} atoms on their crops)' if locmap.molecule_atoms.size else ''}, "
+            f"{locmap.samples} "
             f"{locmap.method} samples, median precision {precision}, {lattice}{drift}")
 
     def _set_title(self, name: str, text: str) -> None:
