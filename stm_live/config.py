@@ -259,15 +259,21 @@ class Settings(_Section):
     demo: DemoSettings = DemoSettings()
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
-    """`STM_LIVE_DAEMON__ENGINE=classical` -> {"daemon": {"engine": "classical"}}."""
-    overrides: dict[str, dict[str, str]] = {}
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """`STM_LIVE_DAEMON__ENGINE=classical` -> {"daemon": {"engine": "classical"}}; a list is
+    written as TOML writes it: `STM_LIVE_LOCALIZE__DIRECTIONS='["forward"]'`."""
+    overrides: dict[str, dict[str, Any]] = {}
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
             continue
         section, sep, key = name[len(ENV_PREFIX):].lower().partition("__")
         if not sep or not key:
             raise ConfigError(f"environment variable {name}: expected {ENV_PREFIX}SECTION__KEY")
+        if value.lstrip().startswith("["):
+            try:
+                value = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"environment variable {name}: not a list: {exc}") from None
         overrides.setdefault(section, {})[key] = value
     return overrides
 

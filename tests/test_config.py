@@ -36,6 +36,14 @@ def test_bad_config_is_refused_with_the_key(tmp_path, text):
         load_settings(cfg, environ={})
 
 
+def test_env_lists_are_written_as_in_toml():
+    s = load_settings(environ={"STM_LIVE_LOCALIZE__DIRECTIONS": '["forward"]',
+                               "STM_LIVE_LOCALIZE__CHANNELS": "['Z', 'Height']"})
+    assert s.localize.directions == ["forward"] and s.localize.channels == ["Z", "Height"]
+    with pytest.raises(ConfigError, match="not a list"):
+        load_settings(environ={"STM_LIVE_LOCALIZE__DIRECTIONS": "[forward"})
+
+
 def test_bad_env_name_is_refused():
     with pytest.raises(ConfigError):
         load_settings(environ={"STM_LIVE_ENGINE": "none"})
