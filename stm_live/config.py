@@ -217,7 +217,7 @@ class TipSettings(_Section):
     hop: int = Field(2, ge=1, description="classify the window every hop rows")
     enter: float = Field(0.95, gt=0, lt=1, description="P(degraded) the belief must reach to count against the tip")
     leave: float = Field(0.3, gt=0, lt=1, description="P(degraded) below which a window counts for recovery")
-    confirm: int = Field(3, ge=1, description="windows in a row to confirm a degradation")
+    confirm: int = Field(5, ge=1, description="windows in a row to confirm a degradation")
     clear: int = Field(4, ge=1, description="windows in a row to confirm a recovery")
     smoothing: float = Field(0.1, gt=0, le=1, description="weight of the newest window in the monitor's belief")
     max_queued_lines: int = Field(4096, ge=16, description="lines waiting for the monitor; beyond, lines skip it")

@@ -44,7 +44,7 @@ class TipStateMachine:
     `confirm` windows agree; a tip change itself is announced from one window.
     """
 
-    def __init__(self, classes: tuple[str, ...], enter: float = 0.95, leave: float = 0.3, confirm: int = 3,
+    def __init__(self, classes: tuple[str, ...], enter: float = 0.95, leave: float = 0.3, confirm: int = 5,
                  clear: int = 4, smoothing: float = 0.1) -> None:
         self.classes = classes
         self.good = classes.index(GOOD)
@@ -103,7 +103,7 @@ class TipMonitor:
     """Per-scan row windows, one classifier, one state machine (the instrument's tip)."""
 
     def __init__(self, classifier: TipClassifier, hop: int = 2, enter: float = 0.95, leave: float = 0.3,
-                 confirm: int = 3, clear: int = 4, smoothing: float = 0.1) -> None:
+                 confirm: int = 5, clear: int = 4, smoothing: float = 0.1) -> None:
         self.classifier = classifier
         self.hop = hop
         self.machine = TipStateMachine(classifier.classes, enter, leave, confirm, clear, smoothing)
