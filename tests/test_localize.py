@@ -385,6 +385,7 @@ def test_daemon_localizes_molecules_on_their_crops_when_asked(settings):
     settings.localize.directions = ["forward"]
     settings.localize.molecules = True
     settings.localize.requests = free_tcp_endpoint()
+    settings.localize.crop_factor = 8  # a crop may span 128 px of this 160 px frame
     context = zmq.Context()
     harness = Harness(settings, context).start()
     try:
@@ -421,6 +422,8 @@ def test_daemon_localizes_molecules_on_their_crops_when_asked(settings):
         outside = request_crops(endpoint, "Z", boxes_nm=[[size_nm + 1, 0, size_nm + 2, 1]])
         assert outside["outcome"] == "refused" and "outside" in outside["detail"]
         assert request_crops(endpoint, "Current", "backward")["outcome"] == "refused"
+        whole = request_crops(endpoint, "Z", boxes_nm=[[0, 0, size_nm, size_nm]])
+        assert whole["outcome"] == "refused" and "crops are for molecules" in whole["detail"]
         raw = context.socket(zmq.REQ)
         raw.connect(endpoint)
         raw.send(b"\xc1 not msgpack")
@@ -428,8 +431,8 @@ def test_daemon_localizes_molecules_on_their_crops_when_asked(settings):
         raw.send(msgpack.packb({"v": REQUEST_VERSION, "channel": "Z", "boxes_nm": [[1, 1, 0, 0]]}))
         assert raw.poll(5000) and b"x1 > x0" in raw.recv()
         raw.close()
-        status = harness.status_after(lambda s: s.counters["crop_requests"] == 6)
-        assert status.counters["crop_requests_refused"] == 5 and status.counters["crop_maps_published"] == 1
+        status = harness.status_after(lambda s: s.counters["crop_requests"] == 7)
+        assert status.counters["crop_requests_refused"] == 6 and status.counters["crop_maps_published"] == 1
     finally:
         harness.stop()
         context.term()

@@ -97,6 +97,10 @@ class CropRequestServer:
             self.counters["crop_requests_refused"] += 1
             log.warning("crop request refused: %s", exc)
             return {"outcome": "refused", "detail": str(exc)[:200], "uid": "", "boxes": 0}
+        except Exception as exc:  # a bug must not leave the REP socket without its reply
+            self.counters["crop_requests_refused"] += 1
+            log.exception("crop request failed")
+            return {"outcome": "refused", "detail": f"internal error: {exc}"[:200], "uid": "", "boxes": 0}
         return {"outcome": "queued", "detail": f"{count} molecules of {uid}", "uid": uid, "boxes": count}
 
     def close(self) -> None:

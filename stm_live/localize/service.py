@@ -38,6 +38,7 @@ from stm_live.protocol import ATOM_COLUMNS, MOLECULE_COLUMNS, LocMap, Message
 log = logging.getLogger(__name__)
 
 MIN_FRAME_PX = 32
+MAX_CROP_FINE_PX = 1024  # a super-resolved crop's side: crops are for molecules, not frames
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,15 @@ class LocalizationService:
             if not ((x0 < width) & (x1 > 0) & (y0 < height) & (y1 > 0)).all():
                 raise CropRequestError(f"boxes outside the {width:g} x {height:g} nm frame")
             boxes = np.concatenate([boxes_nm, np.ones((len(boxes_nm), 1))], axis=1)
-        boxes = boxes[:self.settings.max_crops]
+        pixel = localized.size_nm[0] / localized.single.shape[1]
+        largest = (MAX_CROP_FINE_PX // self.settings.crop_factor) * pixel
+        inside = np.clip(boxes[:, :4], 0.0, np.tile(localized.size_nm, 2))
+        extent = np.maximum(inside[:, 2] - inside[:, 0], inside[:, 3] - inside[:, 1]) + 2 * localized.message.spacing_nm
+        if boxes_nm is not None and not (extent <= largest).all():
+            raise CropRequestError(f"boxes larger than {largest:.3g} nm with their margin: crops are for molecules")
+        boxes = boxes[extent <= largest][:self.settings.max_crops]
+        if not len(boxes):
+            raise CropRequestError("no molecule small enough to crop")
         try:
             self._jobs.put_nowait(CropJob(localized, boxes, time.perf_counter()))
         except queue.Full:
