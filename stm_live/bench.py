@@ -20,6 +20,16 @@ from stm_live.machine import machine
 from stm_live.protocol import ChannelInfo, ScanStart
 
 
+def _null_subscriber(endpoint: str, topics: tuple[str, ...]) -> None:
+    """Subscriber process: takes what a viewer takes and does nothing with it (the sending's cost alone)."""
+    sub = zmq.Context().socket(zmq.SUB)
+    for topic in topics:
+        sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    sub.connect(endpoint)
+    while True:
+        sub.recv_multipart(copy=False)
+
+
 def _send_lines(endpoint: str, lines: int, cols: int, channels: int, rate: float, sent: Any) -> None:
     """Sender process: full scans of `cols` rows, forward and backward, at `rate` lines/s (0 = flat out)."""
     from stm_live.drivers.publisher import InstrumentPublisher
@@ -260,20 +270,27 @@ def bench_tip(cols: int = 512, rows: int = 512, hop: int = 2, threads: int = 1) 
             "machine": machine()}
 
 
-def bench_view(rate: float = 10_000.0, cols: int = 256, seconds: float = 20.0, repeats: int = 1) -> dict[str, Any]:
+VIEW_ARMS = {"none": "without_viewer", "null": "with_null_subscriber", "live": "with_viewer"}
+
+
+def bench_view(rate: float = 10_000.0, cols: int = 256, seconds: float = 20.0, repeats: int = 1,
+               null_subscriber: bool = False) -> dict[str, Any]:
     """The daemon with and without a live viewer attached, at `rate` lines/s of `cols` pixels.
 
     Each run: the daemon (classical engine, a reconstruction every 16 lines) fed by a sender
     process; in runs with the viewer a `stm-live view` process (offscreen) subscribes too and
     reports its render rate, CPU time, memory and missed messages. Runs alternate without / with
     the viewer `repeats` times, so both see the same machine; the summary gives each arm's median
-    and range. A last run freezes the viewer (SIGSTOP) while the lines stream: what a hung viewer
-    costs the daemon in memory and latency, and what the viewer counts as missed once it thaws.
+    and range. With `null_subscriber`, a third arm in each round subscribes to what the viewer
+    takes and discards it: what the sending alone costs the daemon. A last run freezes the viewer
+    (SIGSTOP) while the lines stream: what a hung viewer costs the daemon in memory and latency,
+    and what the viewer counts as missed once it thaws.
     """
-    runs: dict[str, list[dict[str, Any]]] = {"without_viewer": [], "with_viewer": []}
+    modes = ("none", "null", "live") if null_subscriber else ("none", "live")
+    runs: dict[str, list[dict[str, Any]]] = {VIEW_ARMS[m]: [] for m in modes}
     for _ in range(repeats):
-        for viewer in ("none", "live"):
-            runs["with_viewer" if viewer == "live" else "without_viewer"].append(_view_run(rate, cols, seconds, viewer))
+        for mode in modes:
+            runs[VIEW_ARMS[mode]].append(_view_run(rate, cols, seconds, mode))
     runs["frozen_viewer"] = [_view_run(rate, cols, seconds, "frozen")]
     summary = {}
     for arm, results in runs.items():
@@ -290,8 +307,8 @@ def bench_view(rate: float = 10_000.0, cols: int = 256, seconds: float = 20.0, r
 
 
 def _view_run(rate: float, cols: int, seconds: float, viewer_mode: str) -> dict[str, Any]:
-    """One run of `bench_view` with no viewer ("none"), a live one ("live") or one stopped while
-    the lines stream ("frozen"). `daemon_cpu_s` and `daemon_rss_mb` are this process's, i.e. the
+    """One run of `bench_view` with no viewer ("none"), a subscriber that discards what a viewer
+    takes ("null"), a live viewer ("live") or one stopped while the lines stream ("frozen"). `daemon_cpu_s` and `daemon_rss_mb` are this process's, i.e. the
     daemon's threads (the sender and the viewer are processes of their own)."""
     import json
     import signal
@@ -306,9 +323,16 @@ def _view_run(rate: float, cols: int, seconds: float, viewer_mode: str) -> dict[
         cfg.daemon.export_hdf5 = False
         context = zmq.Context()
         daemon, thread = _started_daemon(cfg, context)
-        viewer = None
+        viewer = null = None
         stats = Path(work) / "viewer.json"
-        if viewer_mode != "none":
+        if viewer_mode == "null":
+            from stm_live.viewer.model import TOPICS, slot_topics
+
+            topics = (*TOPICS, *slot_topics("ch0", "forward"))  # the viewer shows the first slot
+            null = mp.get_context("spawn").Process(target=_null_subscriber, args=(output, topics), daemon=True)
+            null.start()
+            time.sleep(5.0)
+        elif viewer_mode != "none":
             viewer = subprocess.Popen([sys.executable, "-m", "stm_live", "--log-level", "WARNING", "view",
                                        "--connect", output, "--offscreen", "--stats", str(stats)])
             time.sleep(5.0)
@@ -335,6 +359,9 @@ def _view_run(rate: float, cols: int, seconds: float, viewer_mode: str) -> dict[
         if viewer is not None:
             viewer.terminate()
             viewer.wait(60)
+        if null is not None:
+            null.terminate()
+            null.join(60)
         daemon.stop()
         thread.join(60)
         context.term()

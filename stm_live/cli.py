@@ -361,7 +361,7 @@ def cmd_bench_tip(args: argparse.Namespace) -> int:
 def cmd_bench_view(args: argparse.Namespace) -> int:
     from stm_live.bench import bench_view
 
-    _print_json(bench_view(args.rate, args.cols, args.seconds, args.repeats), args.json)
+    _print_json(bench_view(args.rate, args.cols, args.seconds, args.repeats, args.null_subscriber), args.json)
     return 0
 
 
@@ -621,6 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cols", type=int, default=256)
     b.add_argument("--seconds", type=float, default=20.0)
     b.add_argument("--repeats", type=int, default=3, help="pairs of runs, without and with the viewer, alternating")
+    b.add_argument("--null-subscriber", action="store_true",
+                   help="a third arm per round: a subscriber that discards what the viewer takes")
     b.add_argument("--json", help="write the result here too")
     b.set_defaults(func=cmd_bench_view)
 

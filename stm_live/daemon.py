@@ -8,7 +8,10 @@ a snapshot to the scheduler, at scan end the final height frames to the localiza
 and every line to the tip monitor.
 The reconstruction, localization and tip-monitor threads send their messages (frames; locmaps;
 tip readings, alerts, actions) back over an inproc socket, and the ingest thread, the
-only owner of the output socket, publishes them with heartbeats and status.
+only owner of the output socket, publishes them with heartbeats and status. The output socket
+keeps the newest final frame of each slot and kind and publishes it again when a subscriber
+joins that slot's topic (a last-value cache): a viewer takes only the slot it shows and still
+has a picture the moment it switches.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import threading
 import time
 
+import msgpack
 import zmq
 from threadpoolctl import threadpool_limits
 
@@ -29,6 +33,7 @@ from stm_live.localize.requests import CropRequestServer
 from stm_live.localize.service import LocalizationService, LocalizeJob
 from stm_live.metrics import worth_logging
 from stm_live.protocol import (
+    FINAL_FRAMES,
     INSTRUMENT_TYPES,
     Decoder,
     Heartbeat,
@@ -114,6 +119,8 @@ class Daemon:
         self._worker_sockets = threading.local()
         self._all_worker_sockets: list[zmq.Socket] = []
         self._heartbeat_seq = 0
+        self._last_channels: tuple[str, ...] = ()  # of the newest scan: named in status between scans too
+        self._last_finals: dict[tuple[str, str], list] = {}  # (topic, kind) -> its newest final frame, encoded
 
     # -- life cycle -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -131,7 +138,8 @@ class Daemon:
         sub.setsockopt(zmq.MAXMSGSIZE, max(lim.max_header_bytes, lim.max_cols * 8))
         for topic in INSTRUMENT_TYPES:
             sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        pub = self.context.socket(zmq.PUB)
+        pub = self.context.socket(zmq.XPUB)
+        pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, also to topics others already take
         pub.setsockopt(zmq.SNDHWM, zcfg.output_hwm)
         results = self.context.socket(zmq.PULL)
         for sock in (sub, pub, results):
@@ -208,6 +216,7 @@ class Daemon:
         poller = zmq.Poller()
         poller.register(sub, zmq.POLLIN)
         poller.register(results, zmq.POLLIN)
+        poller.register(pub, zmq.POLLIN)
         next_heartbeat = next_status = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
@@ -232,6 +241,8 @@ class Daemon:
                 self.handle(batch)
             if results in events:
                 self._forward(results, pub)
+            if pub in events:
+                self._welcome(pub)
 
     # -- ingest path ------------------------------------------------------------------------
     def handle(self, batch: list[list]) -> None:
@@ -286,6 +297,7 @@ class Daemon:
     def _on_scan_start(self, msg: ScanStart) -> None:
         state, evicted = self.assembler.start(msg)
         self.counters["scans_started"] += 1
+        self._last_channels = tuple(c.name for c in msg.channels)
         log.info("scan %s started: %s, %dx%d px, %.3gx%.3g nm, plan %s, %s", msg.uid, msg.instrument,
                  msg.rows, msg.cols, *msg.size_nm, msg.plan, "/".join(c.name for c in msg.channels))
         if evicted is not None:
@@ -369,6 +381,20 @@ class Daemon:
             except zmq.Again:
                 return
 
+    def _welcome(self, pub: zmq.Socket) -> None:
+        """A subscriber joined: publish again the newest final frames its topic covers."""
+        while True:
+            try:
+                event = pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event[:1] != b"\x01":
+                continue
+            prefix = event[1:].decode("ascii", "replace")
+            for (topic_name, _), frames in list(self._last_finals.items()):
+                if topic_name.startswith(prefix):
+                    self._send(pub, frames)
+
     def _publish(self, pub: zmq.Socket, msg: Heartbeat | Status) -> None:
         self._send(pub, encode(msg))
 
@@ -378,6 +404,9 @@ class Daemon:
         topic = bytes(frames[0].buffer if isinstance(frames[0], zmq.Frame) else frames[0]).decode("ascii")
         self.published[topic] = self.published.get(topic, 0) + 1
         pub.send_multipart(frames, copy=False)
+        if topic.startswith(FINAL_FRAMES):
+            header = frames[1].bytes if isinstance(frames[1], zmq.Frame) else frames[1]
+            self._last_finals[(topic, msgpack.unpackb(header)["kind"])] = frames
 
     def status(self) -> Status:
         if self.state in ("idle", "acquiring"):
@@ -397,7 +426,8 @@ class Daemon:
             counters["record_error_active"] = 1
         now = time.time()
         heartbeat_age = {source: round(now - seen, 3) for source, seen in self.instrument_seen.items()}
-        channels = tuple(dict.fromkeys(c.name for scan in self.assembler.scans.values() for c in scan.start.channels))
+        channels = tuple(dict.fromkeys(c.name for scan in self.assembler.scans.values()
+                                       for c in scan.start.channels)) or self._last_channels
         return Status(SOURCE, self.state, self.scheduler.method, counters, dict(self.drops.counts),
                       latency, tuple(self.assembler.scans), channels, heartbeat_age, now)
 

@@ -250,6 +250,7 @@ INSTRUMENT_TYPES = ("scan_start", "line", "scan_end", "heartbeat")
 TYPES = INSTRUMENT_TYPES + ("frame", "status", "truth", "tip", "alert", "action", "locmap")
 TIP_STATES = ("good", "blunt", "multi", "unstable", "changed")
 ACTION_OUTCOMES = ("requested", "refused", "executed", "dry_run", "failed", "recovered", "not_recovered")
+FINAL_FRAMES = "frame:final:"  # the topic prefix of every final frame
 
 
 def _array_spec(name: str, array: np.ndarray) -> dict[str, Any]:
@@ -260,7 +261,7 @@ def frame_topic(final: bool, direction: str, channel: str) -> str:
     """A frame's topic: subscribing to `frame:final:` takes every final frame, to
     `frame:live:forward:Z:` the progressive frames of one slot (the closing colon keeps channel
     `Z` from matching `Z2`; colons are not allowed in names)."""
-    return f"frame:{'final' if final else 'live'}:{direction}:{channel}:"
+    return f"{FINAL_FRAMES if final else 'frame:live:'}{direction}:{channel}:"
 
 
 def topic(msg: Message) -> str:

@@ -341,3 +341,31 @@ def test_progressive_frames_are_rate_limited_and_held_lines_follow(settings):
     finally:
         h.stop()
         context.term()
+
+
+def test_a_late_subscriber_gets_the_newest_final_frame_of_its_slot(harness, settings):
+    """The daemon's last-value cache: subscribing to one slot's final frames after the scan
+    brings that slot's newest final frames at once (raw and reconstructed), and no other slot's."""
+    first, second = make_frame(32, 32, seed=1), make_frame(32, 32, seed=2)
+    run_scan(harness, "older", first)
+    run_scan(harness, "newer", second)
+    harness.listener.until(lambda ms: len([m for m in harness.listener.frames(final=True) if m.uid == "newer"]) == 4,
+                           what="the final frames of both channels")
+    late = harness.context.socket(zmq.SUB)
+    late.setsockopt(zmq.SUBSCRIBE, b"frame:final:forward:Z:")
+    late.connect(settings.daemon.output)
+    try:
+        got = []
+        deadline = time.monotonic() + 10
+        while len(got) < 2 and time.monotonic() < deadline:
+            if late.poll(100):
+                got.append(Decoder().decode(late.recv_multipart()))
+        assert sorted(m.kind for m in got) == ["raw", "reconstructed"]
+        assert all(m.uid == "newer" and m.channel == "Z" and m.final for m in got)
+        raw = next(m for m in got if m.kind == "raw")
+        assert np.array_equal(raw.image, second)
+        assert not late.poll(500), "only the newest final frames of the slot subscribed to"
+    finally:
+        late.close(0)
+    # 2 scans x 2 kinds, and the 2 sent again are counted too (a subscriber's missed count stays right)
+    harness.status_after(lambda s: s.counters.get("published_frame:final:forward:Z:") == 6)

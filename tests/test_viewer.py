@@ -17,7 +17,7 @@ from PySide6 import QtGui, QtWidgets  # noqa: E402
 from stm_live.demo import free_tcp_endpoint  # noqa: E402
 from stm_live.protocol import Frame, LocMap, TipAlert, encode, topic  # noqa: E402
 from stm_live.sim.instrument import SimInstrument  # noqa: E402
-from stm_live.viewer.model import TOPICS, ViewerModel, robust_levels  # noqa: E402
+from stm_live.viewer.model import TOPICS, ViewerModel, robust_levels, slot_topics  # noqa: E402
 from stm_live.viewer.window import ViewerWindow  # noqa: E402
 
 from conftest import CHANNELS, Harness, make_frame, scan_start  # noqa: E402
@@ -95,15 +95,21 @@ def test_viewer_renders_a_recorded_stream_received_over_zeromq(qapp, recorded, w
     time.sleep(0.3)
     for msg in recorded:
         pub.send_multipart(encode(msg))
-    # The window knows no channel yet, so it takes everything but live frames: final ones
-    # of every slot, and the rest.
-    expected = sum(topic(m).startswith(TOPICS) for m in recorded)
-    assert 0 < expected < len(recorded)
+    # The window takes the shown slot's frames (Z forward, once the first status or frame names
+    # the channels; every final frame before that) and the rest.
+    shown = TOPICS + slot_topics("Z", "forward")
+    final_z = [m for m in recorded if topic(m) == slot_topics("Z", "forward")[0]]
+    assert final_z and sum(topic(m).startswith(shown) for m in recorded) < len(recorded)
+    def everything_in() -> bool:
+        frame = window.model.frame("Z", "forward", final_z[-1].kind)
+        return (frame is not None and frame.final and frame.uid == final_z[-1].uid and bool(window.model.locmaps)
+                and window.model.alert is not None and window.channel_box.count() == 2)
+
     deadline = time.monotonic() + 20
-    while window.model.received < expected and time.monotonic() < deadline:
+    while not everything_in() and time.monotonic() < deadline:
         qapp.processEvents()
         time.sleep(0.01)
-    assert window.model.received == expected
+    assert window.model.subscriptions == shown
     assert [window.channel_box.itemText(i) for i in range(window.channel_box.count())] == ["Z", "Current"]
     window.render()
     qapp.processEvents()
@@ -121,12 +127,12 @@ def test_viewer_renders_a_recorded_stream_received_over_zeromq(qapp, recorded, w
     assert "engine masked-unet" in window.status_label.text()
     assert window.tip_label.text().startswith("tip: ")
 
-    shown = window._shown["localization"]
-    atoms = np.vstack([shown.atoms[:, :3], np.zeros((1, 3))])
+    locmap, received = window._shown["localization"], window.model.received
+    atoms = np.vstack([locmap.atoms[:, :3], np.zeros((1, 3))])
     box = np.array([[atoms[0].min(), atoms[1].min(), atoms[0].max() + 0.1, atoms[1].max() + 0.1, 1.0]]).T
-    pub.send_multipart(encode(replace(shown, molecules=box, molecule_atoms=atoms, t=shown.t + 1)))
+    pub.send_multipart(encode(replace(locmap, molecules=box, molecule_atoms=atoms, t=locmap.t + 1)))
     deadline = time.monotonic() + 10
-    while window.model.received < expected + 1 and time.monotonic() < deadline:
+    while window.model.received == received and time.monotonic() < deadline:
         qapp.processEvents()
         time.sleep(0.01)
     window.render()
@@ -195,8 +201,9 @@ def test_a_frozen_viewer_costs_the_daemon_nothing_and_counts_what_it_missed(qapp
             qapp.processEvents()
             time.sleep(0.01)
         assert window.model.status is not None, "the viewer never heard the daemon"
-        window.channel_box.addItem(CHANNELS[0].name)  # as if a status had named the channel: its live frames too
-        assert window.model.subscriptions == TOPICS + (f"frame:live:forward:{CHANNELS[0].name}:",)
+        window.channel_box.addItem(CHANNELS[0].name)  # as if a status had named the channel: its slot only
+        assert window.model.subscriptions == TOPICS + (f"frame:final:forward:{CHANNELS[0].name}:",
+                                                       f"frame:live:forward:{CHANNELS[0].name}:")
         heard = window.model.status.t
         while window.model.status.t == heard and time.monotonic() < deadline:
             qapp.processEvents()  # the missed count starts afresh at the first status after subscribing
@@ -250,9 +257,9 @@ def test_a_frozen_viewer_costs_the_daemon_nothing_and_counts_what_it_missed(qapp
         context.term()
 
 
-def test_the_viewer_takes_live_frames_of_the_shown_slot_only(qapp, window_and_publisher):
-    """Live frames of other channels and directions never leave the daemon for this viewer;
-    final frames of every slot do; changing the selection moves the subscription."""
+def test_the_viewer_takes_frames_of_the_shown_slot_only(qapp, window_and_publisher):
+    """Frames of other channels and directions never leave the daemon for this viewer (every
+    final frame does while it knows no channel); changing the selection moves the subscription."""
     window, pub = window_and_publisher
     image = np.zeros((8, 8), np.float32)
 
@@ -271,12 +278,14 @@ def test_the_viewer_takes_live_frames_of_the_shown_slot_only(qapp, window_and_pu
             time.sleep(0.01)
         return window.model.received
 
+    assert window.model.subscriptions == TOPICS + ("frame:final:",)  # no channel known: every final frame
     window.channel_box.addItems(["Z", "Current"])
-    assert received_after_sending() == 4 + 1  # four finals, the live frame of Z forward
+    assert received_after_sending() == 2  # the final and the live frame of Z forward
     assert window.model.frame("Z", "forward", "raw") is not None
     window.channel_box.setCurrentText("Current")
     window.direction_box.setCurrentText("backward")
-    assert received_after_sending() == 2 * (4 + 1)
+    assert received_after_sending() == 2 + 2
+    assert window.model.frame("Current", "backward", "raw") is not None
     assert window.model.missed == 0
 
 

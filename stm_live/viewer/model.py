@@ -16,15 +16,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stm_live.protocol import ActionReport, Frame, LocMap, Message, Status, TipAlert, TipReport, frame_topic, topic
+from stm_live.protocol import (
+    FINAL_FRAMES, ActionReport, Frame, LocMap, Message, Status, TipAlert, TipReport, frame_topic, topic,
+)
 
 SlotKey = tuple[str, str, str, str]
-TOPICS = ("status", "tip", "alert", "action", "locmap", "frame:final:")  # plus the live frames of the shown slot
-
-
-def live_topic(channel: str, direction: str) -> str:
-    return frame_topic(False, direction, channel)
+TOPICS = ("status", "tip", "alert", "action", "locmap")  # plus the frames of the shown slot
 RATE_WINDOW_S = 2.0
+
+
+def slot_topics(channel: str | None, direction: str) -> tuple[str, ...]:
+    """The frames a viewer showing this slot takes: its final and live ones; every final frame
+    while no channel is known yet (the first ones name the channels)."""
+    if not channel:
+        return (FINAL_FRAMES,)
+    return frame_topic(True, direction, channel), frame_topic(False, direction, channel)
 
 
 @dataclass

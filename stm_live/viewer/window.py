@@ -31,7 +31,7 @@ from PySide6 import QtCore, QtWidgets
 
 from stm_live.protocol import Decoder, Frame, LocMap, Message, ProtocolError, Status
 from stm_live.security import LOOPBACK_ONLY, Security
-from stm_live.viewer.model import TOPICS, ViewerModel, live_topic, robust_levels
+from stm_live.viewer.model import TOPICS, ViewerModel, robust_levels, slot_topics
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self._build()
         self.socket: zmq.Socket | None = None
         self.notifier: QtCore.QSocketNotifier | None = None
-        self._live_topic: str | None = None
+        self._slot_topics: tuple[str, ...] = ()
         self.channel_box.currentTextChanged.connect(self._follow_selection)
         self.direction_box.currentTextChanged.connect(self._follow_selection)
         if endpoint:
@@ -158,20 +158,21 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self._follow_selection()
 
     def _follow_selection(self) -> None:
-        """Take the live frames of the shown channel and direction only (final frames of every
-        slot come anyway): a viewer costs the daemon the bytes of what it shows, not of every
-        channel it could show. The channel list comes from the daemon's status."""
+        """Take the frames of the shown channel and direction only: a viewer costs the daemon the
+        bytes of what it shows, not of every channel it could show. On a switch the daemon sends
+        the new slot's newest final frame again at once (its last-value cache). The channel list
+        comes from the daemon's status."""
         if self.socket is None:
             return
-        channel = self.channel_box.currentText()
-        wanted = live_topic(channel, self.direction_box.currentText()) if channel else None
-        if wanted != self._live_topic:
-            if self._live_topic is not None:
-                self.socket.setsockopt(zmq.UNSUBSCRIBE, self._live_topic.encode())
-            if wanted is not None:
-                self.socket.setsockopt(zmq.SUBSCRIBE, wanted.encode())
-            self._live_topic = wanted
-        self.model.subscribe(TOPICS + ((wanted,) if wanted else ()))
+        wanted = slot_topics(self.channel_box.currentText(), self.direction_box.currentText())
+        if wanted != self._slot_topics:
+            for gone in set(self._slot_topics) - set(wanted):
+                self.socket.setsockopt(zmq.UNSUBSCRIBE, gone.encode())
+            for new in wanted:
+                if new not in self._slot_topics:
+                    self.socket.setsockopt(zmq.SUBSCRIBE, new.encode())
+            self._slot_topics = wanted
+        self.model.subscribe(TOPICS + wanted)
 
     def drain(self) -> int:
         """Take every waiting message into the model; ZeroMQ's descriptor is edge-triggered, so
