@@ -308,8 +308,9 @@ def bench_view(rate: float = 10_000.0, cols: int = 256, seconds: float = 20.0, r
 
 def _view_run(rate: float, cols: int, seconds: float, viewer_mode: str) -> dict[str, Any]:
     """One run of `bench_view` with no viewer ("none"), a subscriber that discards what a viewer
-    takes ("null"), a live viewer ("live") or one stopped while the lines stream ("frozen"). `daemon_cpu_s` and `daemon_rss_mb` are this process's, i.e. the
-    daemon's threads (the sender and the viewer are processes of their own)."""
+    takes ("null"), a live viewer ("live") or one stopped while the lines stream ("frozen").
+    `daemon_cpu_s` and `daemon_rss_mb` are this process's, i.e. the daemon's threads (the sender,
+    the viewer and the null subscriber are processes of their own)."""
     import json
     import signal
     import subprocess

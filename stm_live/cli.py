@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from stm_live.config import ConfigError, Settings, load_settings, settings_as_toml
+from stm_live.fuzz import TARGETS as FUZZ_TARGETS
 from stm_live.security import SecurityError
 
 
@@ -366,9 +367,9 @@ def cmd_bench_view(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_fuzz(args: argparse.Namespace) -> int:
-    from stm_live.fuzz import TARGETS, fuzz
+    from stm_live.fuzz import fuzz
 
-    result = fuzz(args.seconds, args.seed, args.crashes, tuple(args.target or TARGETS))
+    result = fuzz(args.seconds, args.seed, args.crashes, tuple(args.target or FUZZ_TARGETS))
     _print_json(result, args.json)
     return 1 if result["crashes"] else 0
 
@@ -629,8 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("fuzz", help="mutated inputs into every decoder; only their own errors may come out")
     b.add_argument("--seconds", type=float, default=60.0)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--target", action="append",
-                   choices=("protocol", "action", "crops", "nanonis", "scanfile", "config"))
+    b.add_argument("--target", action="append", choices=FUZZ_TARGETS)
     b.add_argument("--crashes", default="fuzz-crashes", help="directory for inputs that crashed a decoder")
     b.add_argument("--json", help="write the result here too")
     b.set_defaults(func=cmd_bench_fuzz)

@@ -110,6 +110,10 @@ def test_viewer_renders_a_recorded_stream_received_over_zeromq(qapp, recorded, w
         qapp.processEvents()
         time.sleep(0.01)
     assert window.model.subscriptions == shown
+    always = sum(topic(m).startswith(TOPICS) for m in recorded)  # every non-frame message arrives
+    at_most = sum(topic(m).startswith(shown + ("frame:final:",)) for m in recorded)  # + finals before narrowing
+    assert always + len(final_z) <= window.model.received <= at_most < len(recorded)
+    assert window.model.invalid == 0
     assert [window.channel_box.itemText(i) for i in range(window.channel_box.count())] == ["Z", "Current"]
     window.render()
     qapp.processEvents()

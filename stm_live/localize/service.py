@@ -163,16 +163,17 @@ class LocalizationService:
         duty = self.settings.max_duty
         while (job := self._jobs.get()) is not None:
             started = time.perf_counter()
-            frame = job.localized.message if isinstance(job, CropJob) else job
+            crop = isinstance(job, CropJob)
+            frame = job.localized.message if crop else job
             try:
-                messages = [self.crops(job)] if isinstance(job, CropJob) else self.localize(job)
+                messages = [self.crops(job)] if crop else self.localize(job)
             except Exception:
                 self.counters["locmap_errors"] += 1
                 log.exception("localization of %s/%s failed", frame.uid, frame.channel)
                 messages = []
             for published in messages:
                 self.sink(published)
-                self.counters["crop_maps_published" if isinstance(job, CropJob) else "locmaps_published"] += 1
+                self.counters["crop_maps_published" if crop else "locmaps_published"] += 1
             self._closing.wait((time.perf_counter() - started) * (1 - duty) / duty)
 
     def localize(self, job: LocalizeJob) -> list[LocMap]:
