@@ -280,16 +280,17 @@ def bench_view(rate: float = 10_000.0, cols: int = 256, seconds: float = 20.0, r
     Each run: the daemon (classical engine, a reconstruction every 16 lines) fed by a sender
     process; in runs with the viewer a `stm-live view` process (offscreen) subscribes too and
     reports its render rate, CPU time, memory and missed messages. Runs alternate without / with
-    the viewer `repeats` times, so both see the same machine; the summary gives each arm's median
-    and range. With `null_subscriber`, a third arm in each round subscribes to what the viewer
+    the viewer `repeats` times, every other round in the opposite order, so both see the same
+    machine and neither always goes first; the summary gives each arm's median and range, and the
+    median over rounds of the difference with minus without. With `null_subscriber`, a third arm in each round subscribes to what the viewer
     takes and discards it: what the sending alone costs the daemon. A last run freezes the viewer
     (SIGSTOP) while the lines stream: what a hung viewer costs the daemon in memory and latency,
     and what the viewer counts as missed once it thaws.
     """
     modes = ("none", "null", "live") if null_subscriber else ("none", "live")
     runs: dict[str, list[dict[str, Any]]] = {VIEW_ARMS[m]: [] for m in modes}
-    for _ in range(repeats):
-        for mode in modes:
+    for round_ in range(repeats):
+        for mode in modes if round_ % 2 == 0 else modes[::-1]:
             runs[VIEW_ARMS[mode]].append(_view_run(rate, cols, seconds, mode))
     runs["frozen_viewer"] = [_view_run(rate, cols, seconds, "frozen")]
     summary = {}
@@ -302,6 +303,11 @@ def bench_view(rate: float = 10_000.0, cols: int = 256, seconds: float = 20.0, r
         summary[arm]["lines_lost"] = sum(r["lines_offered"] - r["lines_received"] for r in results)
         summary[arm]["daemon_rss_growth_mb_max"] = max(r["daemon_rss_mb"]["peak"] - r["daemon_rss_mb"]["start"]
                                                        for r in results)
+    for stat in ("p50", "p99"):
+        differences = [w["reconstruction_latency_ms"][stat] - n["reconstruction_latency_ms"][stat]
+                       for w, n in zip(runs["with_viewer"], runs["without_viewer"])]
+        summary[f"with_minus_without_{stat}_ms"] = {
+            "median": round(float(np.median(differences)), 2), "per_round": [round(d, 2) for d in differences]}
     return {"benchmark": "view", "rate": rate, "cols": cols, "seconds": seconds, "repeats": repeats,
             "summary": summary, **runs, "machine": machine()}
 

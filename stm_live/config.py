@@ -67,6 +67,9 @@ class DaemonSettings(_Section):
     progressive_max_hz: float = Field(60.0, ge=0, description="progressive frames per second per scan direction at "
                                       "most (a display shows no more; matters at video rate); held lines follow "
                                       "within 1/rate s; 0 = no limit")
+    preview_max_hz: float = Field(30.0, ge=0, description="frames per second per slot and kind at most on the "
+                                  "viewers' `view:` topics (the viewer draws at 30 Hz; the newest frame always "
+                                  "follows); 0 = every frame")
     batch_max_frames: int = Field(32, ge=1, le=1024, description="frames per engine call at most (micro-batching)")
     batch_max_delay_us: int = Field(200, ge=0, le=1_000_000, description="when several frames wait but fewer than a "
                                     "full batch, wait this long for more; a lone frame never waits")

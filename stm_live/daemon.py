@@ -8,10 +8,11 @@ a snapshot to the scheduler, at scan end the final height frames to the localiza
 and every line to the tip monitor.
 The reconstruction, localization and tip-monitor threads send their messages (frames; locmaps;
 tip readings, alerts, actions) back over an inproc socket, and the ingest thread, the
-only owner of the output socket, publishes them with heartbeats and status. The output socket
-keeps the newest final frame of each slot and kind and publishes it again when a subscriber
-joins that slot's topic (a last-value cache): a viewer takes only the slot it shows and still
-has a picture the moment it switches.
+only owner of the output socket, publishes them with heartbeats and status. Every frame also goes
+out on the viewers' `view:` topics, paced to a display's rate (`stm_live.preview`). The output
+socket keeps the newest final frame of each slot and kind and publishes it again when a
+subscriber joins that slot's topic (a last-value cache): a viewer takes only the slot it shows
+and still has a picture the moment it switches.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from stm_live.export import ExportProcess, interrupted_scans
 from stm_live.localize.requests import CropRequestServer
 from stm_live.localize.service import LocalizationService, LocalizeJob
 from stm_live.metrics import worth_logging
+from stm_live.preview import PreviewPacer
 from stm_live.protocol import (
-    FINAL_FRAMES,
     INSTRUMENT_TYPES,
     Decoder,
     Heartbeat,
@@ -45,6 +46,8 @@ from stm_live.protocol import (
     ScanStart,
     Status,
     encode,
+    frame_topic,
+    preview_topic,
 )
 from stm_live.recorder import Recorder
 from stm_live.scheduler import ReconstructionScheduler
@@ -120,7 +123,8 @@ class Daemon:
         self._all_worker_sockets: list[zmq.Socket] = []
         self._heartbeat_seq = 0
         self._last_channels: tuple[str, ...] = ()  # of the newest scan: named in status between scans too
-        self._last_finals: dict[tuple[str, str], list] = {}  # (topic, kind) -> its newest final frame, encoded
+        self._last_finals: dict[tuple[str, str, str], list] = {}  # (direction, channel, kind) -> newest final, encoded
+        self._previews = PreviewPacer(cfg.preview_max_hz)
 
     # -- life cycle -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -229,7 +233,10 @@ class Daemon:
                 self._publish_status(pub)
                 next_status = now + cfg.status_interval_s
             next_held = self._submit_held()
-            wait_ms = max(0, int(1000 * (min(next_heartbeat, next_status, next_held, now + 0.2) - now)))
+            for frames in self._previews.due(now):
+                self._emit(pub, frames)
+            next_preview = self._previews.next_due()
+            wait_ms = max(0, int(1000 * (min(next_heartbeat, next_status, next_held, next_preview, now + 0.2) - now)))
             events = dict(poller.poll(wait_ms))
             if sub in events:
                 batch = []
@@ -366,13 +373,18 @@ class Daemon:
 
     # -- output path ------------------------------------------------------------------------
     def _send_from_worker(self, msg: Message) -> None:
-        """Called on a worker thread (reconstruction, tip monitor); each has its own socket."""
+        """Called on a worker thread (reconstruction, tip monitor); each has its own socket.
+
+        The arrays are copied into ZeroMQ's own buffers (about 20 microseconds for a 256x256 frame,
+        as long as a send without copying takes here): sent without copying, every array would be
+        released through pyzmq's garbage-collector thread, which takes the GIL from ingest and
+        reconstruction each time (docs/performance.md: the latency tail was longer)."""
         sock = getattr(self._worker_sockets, "socket", None)
         if sock is None:
             sock = self._worker_sockets.socket = self.context.socket(zmq.PUSH)
             sock.connect(self._results_endpoint)
             self._all_worker_sockets.append(sock)
-        sock.send_multipart(encode(msg), copy=False)
+        sock.send_multipart(encode(msg), copy=True)
 
     def _forward(self, results: zmq.Socket, pub: zmq.Socket) -> None:
         while True:
@@ -391,22 +403,37 @@ class Daemon:
             if event[:1] != b"\x01":
                 continue
             prefix = event[1:].decode("ascii", "replace")
-            for (topic_name, _), frames in list(self._last_finals.items()):
-                if topic_name.startswith(prefix):
-                    self._send(pub, frames)
+            for (direction, channel, _), frames in list(self._last_finals.items()):
+                for name in (frame_topic(True, direction, channel), preview_topic(direction, channel)):
+                    if name.startswith(prefix):
+                        self._emit(pub, [name.encode(), *frames[1:]])
 
     def _publish(self, pub: zmq.Socket, msg: Heartbeat | Status) -> None:
         self._send(pub, encode(msg))
 
     def _send(self, pub: zmq.Socket, frames: list) -> None:
+        """Publish a message; a frame goes out again on its `view:` topic when the pacer lets it
+        and is remembered for the last-value cache if final."""
+        topic = self._emit(pub, frames)
+        if not topic.startswith("frame:"):
+            return
+        _, lifetime, direction, channel, _ = topic.split(":")
+        header = frames[1].bytes if isinstance(frames[1], zmq.Frame) else frames[1]
+        key = (direction, channel, msgpack.unpackb(header)["kind"])
+        if lifetime == "final":
+            self._last_finals[key] = frames
+        preview = self._previews.offer(key, [preview_topic(direction, channel).encode(), *frames[1:]],
+                                       time.monotonic())
+        if preview is not None:
+            self._emit(pub, preview)
+
+    def _emit(self, pub: zmq.Socket, frames: list) -> str:
         """Every output message goes through here, counted per topic: a subscriber compares the
         counts in `status` with what it received to learn how many of its messages ZeroMQ dropped."""
         topic = bytes(frames[0].buffer if isinstance(frames[0], zmq.Frame) else frames[0]).decode("ascii")
         self.published[topic] = self.published.get(topic, 0) + 1
         pub.send_multipart(frames, copy=False)
-        if topic.startswith(FINAL_FRAMES):
-            header = frames[1].bytes if isinstance(frames[1], zmq.Frame) else frames[1]
-            self._last_finals[(topic, msgpack.unpackb(header)["kind"])] = frames
+        return topic
 
     def status(self) -> Status:
         if self.state in ("idle", "acquiring"):

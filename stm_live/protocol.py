@@ -1,7 +1,8 @@
 """Wire protocol v1: ZeroMQ multipart messages = topic + msgpack header + raw array frames.
 
 The topic frame is the message type (ZeroMQ filters on it natively); frames add their slot,
-`frame:<live|final>:<direction>:<channel>:`, so that a viewer can take only what it shows. The
+`frame:<live|final>:<direction>:<channel>:`, so that a subscriber can take only what it needs;
+`view:<direction>:<channel>:` carries the same frames paced for viewers (`stm_live.preview`). The
 header is a msgpack map carrying the schema version `v`, the `type` and the type's fields; it
 describes each following array frame by name, dtype (NumPy typestr, so byte order is explicit)
 and shape. Arrays travel as raw bytes, sent without copying. No pickle anywhere.
@@ -251,6 +252,7 @@ TYPES = INSTRUMENT_TYPES + ("frame", "status", "truth", "tip", "alert", "action"
 TIP_STATES = ("good", "blunt", "multi", "unstable", "changed")
 ACTION_OUTCOMES = ("requested", "refused", "executed", "dry_run", "failed", "recovered", "not_recovered")
 FINAL_FRAMES = "frame:final:"  # the topic prefix of every final frame
+PREVIEW = "view"  # the viewers' paced copy of the frames (stm_live.preview); decodes as a frame
 
 
 def _array_spec(name: str, array: np.ndarray) -> dict[str, Any]:
@@ -262,6 +264,11 @@ def frame_topic(final: bool, direction: str, channel: str) -> str:
     `frame:live:forward:Z:` the progressive frames of one slot (the closing colon keeps channel
     `Z` from matching `Z2`; colons are not allowed in names)."""
     return f"{FINAL_FRAMES if final else 'frame:live:'}{direction}:{channel}:"
+
+
+def preview_topic(direction: str, channel: str) -> str:
+    """The topic of a slot's frames on the viewers' stream, `view:forward:Z:`."""
+    return f"{PREVIEW}:{direction}:{channel}:"
 
 
 def topic(msg: Message) -> str:
@@ -419,6 +426,9 @@ class Decoder:
         except UnicodeDecodeError:
             raise ProtocolError("bad_topic", "topic is not ASCII") from None
         kind = sent_topic.split(":", 1)[0]
+        preview = kind == PREVIEW
+        if preview:
+            kind = "frame"
         if kind not in TYPES:
             raise ProtocolError("bad_topic", f"unknown topic {raw_topic[:32]!r}")
         raw_header = _buffer(frames[1])
@@ -445,7 +455,7 @@ class Decoder:
         f = _Fields(header)
         msg = getattr(self, f"_{kind}")(f, names, arrays)
         f.finish()
-        if topic(msg) != sent_topic:
+        if sent_topic != (preview_topic(msg.direction, msg.channel) if preview else topic(msg)):
             raise ProtocolError("bad_topic", f"topic {raw_topic[:64]!r} does not match the {kind} it carries")
         return msg
 

@@ -15,7 +15,7 @@ from stm_live.config import Settings
 from stm_live.daemon import Daemon
 from stm_live.demo import free_tcp_endpoint
 from stm_live.drivers.publisher import InstrumentPublisher
-from stm_live.protocol import ChannelInfo, Decoder, Frame, Message, ScanStart, Status
+from stm_live.protocol import TYPES, ChannelInfo, Decoder, Frame, Message, ScanStart, Status
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
@@ -27,15 +27,18 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "
 
 
 class Listener:
-    """Subscribes to the daemon's output and keeps every decoded message."""
+    """Subscribes to the daemon's output and keeps every decoded message and the topic it came
+    on: every message type, and the viewers' paced `view:` copies of the frames only if asked."""
 
-    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+    def __init__(self, context: zmq.Context, endpoint: str, topics: tuple[str, ...] = TYPES) -> None:
         self.sock = context.socket(zmq.SUB)
-        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        for topic in topics:
+            self.sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
         self.decoder = Decoder()
         self.messages: list[Message] = []
+        self.topics: list[str] = []
 
     def pump(self, seconds: float = 0.05) -> None:
         deadline = time.monotonic() + seconds
@@ -43,7 +46,9 @@ class Listener:
             left = deadline - time.monotonic()
             if not self.sock.poll(max(0, int(left * 1000))):
                 return
-            self.messages.append(self.decoder.decode(self.sock.recv_multipart()))
+            frames = self.sock.recv_multipart()
+            self.messages.append(self.decoder.decode(frames))
+            self.topics.append(frames[0].decode())
 
     def until(self, predicate: Callable[[list[Message]], bool], timeout: float = 30.0, what: str = "messages") -> None:
         deadline = time.monotonic() + timeout

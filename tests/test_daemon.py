@@ -343,6 +343,46 @@ def test_progressive_frames_are_rate_limited_and_held_lines_follow(settings):
         context.term()
 
 
+def test_viewers_stream_is_paced_and_ends_with_the_newest_frame(settings):
+    """A frame after every line: each goes out on its own topic, while the viewers' `view:` copy
+    of the slot comes at most `preview_max_hz` times a second per kind and ends with the final frame."""
+    settings.daemon.reconstruct_every_lines = 1
+    settings.daemon.progressive_max_hz = 0
+    settings.daemon.preview_max_hz = 10.0
+    context = zmq.Context()
+    h = Harness(settings, context)
+    h.listener.sock.setsockopt(zmq.SUBSCRIBE, b"view:forward:Z:")
+    h.start()
+    try:
+        frame = make_frame(128, 32)
+        started = time.monotonic()
+        h.publisher.scan_start(scan_start("paced", rows=128, cols=32))
+        for row in range(128):
+            h.publisher.line("paced", row, "forward", CHANNELS, [frame[row], frame[row]])
+            time.sleep(0.005)
+        h.publisher.scan_end("paced")
+
+        def on(topic_name: str) -> list[Frame]:
+            return [m for m, t in zip(h.listener.messages, h.listener.topics) if t == topic_name]
+
+        h.listener.until(lambda ms: {m.kind for m in on("view:forward:Z:") if m.final} == {"raw", "reconstructed"},
+                         what="the final frames on the viewers' stream")
+        elapsed = time.monotonic() - started
+        viewed = on("view:forward:Z:")
+        live = [m for m in on("frame:live:forward:Z:") if m.kind == "reconstructed"]
+        for kind in ("raw", "reconstructed"):
+            mine = [m for m in viewed if m.kind == kind]
+            assert len(mine) <= 10.0 * elapsed + 2, (len(mine), elapsed)
+            assert mine[-1].final and mine[-1].rows_seen == 128
+        assert len(live) > 3 * len([m for m in viewed if m.kind == "reconstructed"])
+        assert np.array_equal(viewed[-1].image if viewed[-1].kind == "raw" else viewed[-2].image, frame)
+        assert not any(m.channel != "Z" or m.direction != "forward" for m in viewed)
+        h.status_after(lambda s: s.counters.get("published_view:forward:Z:") == len(on("view:forward:Z:")))
+    finally:
+        h.stop()
+        context.term()
+
+
 def test_a_late_subscriber_gets_the_newest_final_frame_of_its_slot(harness, settings):
     """The daemon's last-value cache: subscribing to one slot's final frames after the scan
     brings that slot's newest final frames at once (raw and reconstructed), and no other slot's."""
@@ -369,3 +409,12 @@ def test_a_late_subscriber_gets_the_newest_final_frame_of_its_slot(harness, sett
         late.close(0)
     # 2 scans x 2 kinds, and the 2 sent again are counted too (a subscriber's missed count stays right)
     harness.status_after(lambda s: s.counters.get("published_frame:final:forward:Z:") == 6)
+    viewer = harness.context.socket(zmq.SUB)
+    viewer.setsockopt(zmq.SUBSCRIBE, b"view:forward:")  # the viewers' stream has the cache too
+    viewer.connect(settings.daemon.output)
+    try:
+        assert viewer.poll(10_000), "the newest final frame on the viewers' stream"
+        first = Decoder().decode(viewer.recv_multipart())
+        assert first.final and first.uid == "newer" and first.direction == "forward"
+    finally:
+        viewer.close(0)

@@ -105,10 +105,15 @@ def test_a_frame_travels_under_its_slot_and_the_topic_must_match_it():
     assert not b"frame:final:forward:Z:".startswith(b"frame:live:forward:Z:")
     decoded = Decoder().decode(wire(live))
     assert (decoded.channel, decoded.direction, decoded.final) == ("Z", "backward", False)
-    for lie in (b"frame", b"frame:final:backward:Z:", b"frame:live:backward:Z2:", b"status"):
+    viewed = Decoder().decode([b"view:backward:Z:", *wire(live)[1:]])  # the viewers' paced copy
+    assert (viewed.channel, viewed.direction, viewed.final) == ("Z", "backward", False)
+    for lie in (b"frame", b"frame:final:backward:Z:", b"frame:live:backward:Z2:", b"status", b"view:forward:Z:",
+                b"view:backward:Z2:", b"view"):
         with pytest.raises(ProtocolError) as err:
             Decoder().decode([lie, *wire(live)[1:]])
         assert err.value.reason in ("bad_topic", "bad_header")
+    with pytest.raises(ProtocolError):
+        Decoder().decode([b"view:forward:Z:", *wire(Status("d", "idle", "none", {}, {}, {}, (), (), {}, 1.0))[1:]])
 
 
 def test_status_channels_must_be_names():

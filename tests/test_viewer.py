@@ -17,7 +17,7 @@ from PySide6 import QtGui, QtWidgets  # noqa: E402
 from stm_live.demo import free_tcp_endpoint  # noqa: E402
 from stm_live.protocol import Frame, LocMap, TipAlert, encode, topic  # noqa: E402
 from stm_live.sim.instrument import SimInstrument  # noqa: E402
-from stm_live.viewer.model import TOPICS, ViewerModel, robust_levels, slot_topics  # noqa: E402
+from stm_live.viewer.model import TOPICS, ViewerModel, robust_levels, slot_topics, viewer_topic  # noqa: E402
 from stm_live.viewer.window import ViewerWindow  # noqa: E402
 
 from conftest import CHANNELS, Harness, make_frame, scan_start  # noqa: E402
@@ -80,6 +80,11 @@ def window_and_publisher(qapp):
     context.term()
 
 
+def for_viewer(msg) -> list:
+    """A message as the daemon sends it to viewers: frames on their paced `view:` topic."""
+    return [viewer_topic(msg).encode(), *encode(msg)[1:]]
+
+
 def panel_pixels(window: ViewerWindow, name: str) -> np.ndarray:
     """The rendered pixels of one panel's view box, as an (h, w, 4) array."""
     image = window.graphics.grab().toImage().convertToFormat(QtGui.QImage.Format.Format_RGB32)
@@ -94,12 +99,12 @@ def test_viewer_renders_a_recorded_stream_received_over_zeromq(qapp, recorded, w
     window, pub = window_and_publisher
     time.sleep(0.3)
     for msg in recorded:
-        pub.send_multipart(encode(msg))
+        pub.send_multipart(for_viewer(msg))
     # The window takes the shown slot's frames (Z forward, once the first status or frame names
-    # the channels; every final frame before that) and the rest.
+    # the channels; every channel's forward frames before that) and the rest.
     shown = TOPICS + slot_topics("Z", "forward")
-    final_z = [m for m in recorded if topic(m) == slot_topics("Z", "forward")[0]]
-    assert final_z and sum(topic(m).startswith(shown) for m in recorded) < len(recorded)
+    final_z = [m for m in recorded if topic(m) == "frame:final:forward:Z:"]
+    assert final_z and sum(viewer_topic(m).startswith(shown) for m in recorded) < len(recorded)
     def everything_in() -> bool:
         frame = window.model.frame("Z", "forward", final_z[-1].kind)
         return (frame is not None and frame.final and frame.uid == final_z[-1].uid and bool(window.model.locmaps)
@@ -111,7 +116,7 @@ def test_viewer_renders_a_recorded_stream_received_over_zeromq(qapp, recorded, w
         time.sleep(0.01)
     assert window.model.subscriptions == shown
     always = sum(topic(m).startswith(TOPICS) for m in recorded)  # every non-frame message arrives
-    at_most = sum(topic(m).startswith(shown + ("frame:final:",)) for m in recorded)  # + finals before narrowing
+    at_most = sum(viewer_topic(m).startswith(shown + ("view:forward:",)) for m in recorded)  # + before narrowing
     assert always + len(final_z) <= window.model.received <= at_most < len(recorded)
     assert window.model.invalid == 0
     assert [window.channel_box.itemText(i) for i in range(window.channel_box.count())] == ["Z", "Current"]
@@ -134,7 +139,7 @@ def test_viewer_renders_a_recorded_stream_received_over_zeromq(qapp, recorded, w
     locmap, received = window._shown["localization"], window.model.received
     atoms = np.vstack([locmap.atoms[:, :3], np.zeros((1, 3))])
     box = np.array([[atoms[0].min(), atoms[1].min(), atoms[0].max() + 0.1, atoms[1].max() + 0.1, 1.0]]).T
-    pub.send_multipart(encode(replace(locmap, molecules=box, molecule_atoms=atoms, t=locmap.t + 1)))
+    pub.send_multipart(for_viewer(replace(locmap, molecules=box, molecule_atoms=atoms, t=locmap.t + 1)))
     deadline = time.monotonic() + 10
     while window.model.received == received and time.monotonic() < deadline:
         qapp.processEvents()
@@ -192,11 +197,13 @@ def test_a_frozen_viewer_costs_the_daemon_nothing_and_counts_what_it_missed(qapp
     settings.daemon.record_dir = str(tmp_path / "rec")
     settings.daemon.status_interval_s = 0.1
     settings.daemon.reconstruct_every_lines = 1
-    settings.daemon.progressive_max_hz = 0
+    settings.daemon.progressive_max_hz = settings.daemon.preview_max_hz = 0  # every frame to the viewer too
     settings.tip.enabled = settings.localize.enabled = False
     settings.zmq.output_hwm = 20
     context = zmq.Context()
-    h = Harness(settings, context).start()
+    h = Harness(settings, context)
+    h.listener.sock.setsockopt(zmq.SUBSCRIBE, b"view:")  # the healthy subscriber takes the viewers' stream too
+    h.start()
     window = ViewerWindow(settings.daemon.output, context)
     try:
         h.listener.sock.setsockopt(zmq.RCVHWM, 0)
@@ -206,8 +213,7 @@ def test_a_frozen_viewer_costs_the_daemon_nothing_and_counts_what_it_missed(qapp
             time.sleep(0.01)
         assert window.model.status is not None, "the viewer never heard the daemon"
         window.channel_box.addItem(CHANNELS[0].name)  # as if a status had named the channel: its slot only
-        assert window.model.subscriptions == TOPICS + (f"frame:final:forward:{CHANNELS[0].name}:",
-                                                       f"frame:live:forward:{CHANNELS[0].name}:")
+        assert window.model.subscriptions == TOPICS + (f"view:forward:{CHANNELS[0].name}:",)
         heard = window.model.status.t
         while window.model.status.t == heard and time.monotonic() < deadline:
             qapp.processEvents()  # the missed count starts afresh at the first status after subscribing
@@ -241,10 +247,9 @@ def test_a_frozen_viewer_costs_the_daemon_nothing_and_counts_what_it_missed(qapp
         counters = h.listener.last_status().counters
         published_frames = sum(n for k, n in counters.items() if k.startswith("published_frame:"))
         # nearly a reconstruction per line (a loaded machine supersedes a few): far beyond both queues
-        assert [m.type for m in h.listener.messages].count("frame") == published_frames > 3 * 128
+        assert sum(t.startswith("frame:") for t in h.listener.topics) == published_frames > 3 * 128
         at = {m.t: i for i, m in enumerate(h.listener.messages) if m.type == "status"}
-        span = sum(topic(m).startswith(window.model.subscriptions)
-                   for m in h.listener.messages[at[baseline] + 1:at[last] + 1])
+        span = sum(t.startswith(window.model.subscriptions) for t in h.listener.topics[at[baseline] + 1:at[last] + 1])
         taken = window.model.received + window.model.invalid - taken_before
         assert window.model.missed > 0, (taken, span)
         assert taken + window.model.missed == span
@@ -263,7 +268,8 @@ def test_a_frozen_viewer_costs_the_daemon_nothing_and_counts_what_it_missed(qapp
 
 def test_the_viewer_takes_frames_of_the_shown_slot_only(qapp, window_and_publisher):
     """Frames of other channels and directions never leave the daemon for this viewer (every
-    final frame does while it knows no channel); changing the selection moves the subscription."""
+    channel's of the shown direction do while it knows no channel); changing the selection moves
+    the subscription."""
     window, pub = window_and_publisher
     image = np.zeros((8, 8), np.float32)
 
@@ -275,14 +281,14 @@ def test_the_viewer_takes_frames_of_the_shown_slot_only(qapp, window_and_publish
         for channel in ("Z", "Current"):
             for direction in ("forward", "backward"):
                 for final in (False, True):
-                    pub.send_multipart(encode(frame(channel, direction, final)))
+                    pub.send_multipart(for_viewer(frame(channel, direction, final)))
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline:
             qapp.processEvents()
             time.sleep(0.01)
         return window.model.received
 
-    assert window.model.subscriptions == TOPICS + ("frame:final:",)  # no channel known: every final frame
+    assert window.model.subscriptions == TOPICS + ("view:forward:",)  # no channel known: every forward frame
     window.channel_box.addItems(["Z", "Current"])
     assert received_after_sending() == 2  # the final and the live frame of Z forward
     assert window.model.frame("Z", "forward", "raw") is not None

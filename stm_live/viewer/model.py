@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stm_live.protocol import (
-    FINAL_FRAMES, ActionReport, Frame, LocMap, Message, Status, TipAlert, TipReport, frame_topic, topic,
+    PREVIEW, ActionReport, Frame, LocMap, Message, Status, TipAlert, TipReport, preview_topic,
 )
 
 SlotKey = tuple[str, str, str, str]
@@ -26,11 +26,17 @@ RATE_WINDOW_S = 2.0
 
 
 def slot_topics(channel: str | None, direction: str) -> tuple[str, ...]:
-    """The frames a viewer showing this slot takes: its final and live ones; every final frame
-    while no channel is known yet (the first ones name the channels)."""
+    """The frames a viewer showing this slot takes: the slot's paced `view:` stream (at most the
+    rate it draws at); every channel's of the direction while no channel is known yet (the
+    first frames name the channels)."""
     if not channel:
-        return (FINAL_FRAMES,)
-    return frame_topic(True, direction, channel), frame_topic(False, direction, channel)
+        return (f"{PREVIEW}:{direction}:",)
+    return (preview_topic(direction, channel),)
+
+
+def viewer_topic(msg: Message) -> str:
+    """The topic a viewer takes a message on: frames come on their `view:` topic."""
+    return preview_topic(msg.direction, msg.channel) if isinstance(msg, Frame) else msg.type
 
 
 @dataclass
@@ -58,7 +64,7 @@ class ViewerModel:
             self._published_last = None
 
     def apply(self, msg: Message, now: float | None = None) -> None:
-        if self.subscriptions is not None and not topic(msg).startswith(self.subscriptions):
+        if self.subscriptions is not None and not viewer_topic(msg).startswith(self.subscriptions):
             return  # a slot no longer shown, still in flight when the selection changed
         self.received += 1
         self.version += 1

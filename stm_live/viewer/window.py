@@ -1,9 +1,10 @@
 """`stm-live view`: the live viewer (pyqtgraph on PySide6).
 
 A ZeroMQ SUB socket's file descriptor drives a QSocketNotifier: on every wake-up the viewer
-drains everything waiting into the ViewerModel (one latest frame per slot) and does nothing
-else; a timer renders the newest state at up to 30 Hz. The socket takes every final frame but
-the live (progressive) frames of the shown channel and direction only. The viewer never talks back to the
+drains everything waiting into the ViewerModel (one latest frame per slot) and draws only if
+the last render is a display period old; a timer renders the newest state at up to 30 Hz. The socket takes the frames of the shown
+channel and direction only, from the daemon's stream for viewers, which is paced to the rate the
+viewer draws at (`view:` topics, stm_live/preview.py). The viewer never talks back to the
 daemon, so a slow or frozen viewer only fills its own queue on the daemon's PUB socket, bounded
 by `zmq.output_hwm`, past which the daemon drops that subscriber's messages alone.
 
@@ -53,6 +54,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self.model = ViewerModel()
         self.decoder = Decoder()
         self._rendered = -1
+        self._last_render = 0.0
         self.renders = 0
         self.render_ms: deque[float] = deque(maxlen=10_000)
         self.render_times: deque[float] = deque(maxlen=100_000)
@@ -154,12 +156,13 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self.socket.setsockopt(zmq.LINGER, 0)
         security.connect(self.socket, endpoint)
         self.notifier = QtCore.QSocketNotifier(self.socket.getsockopt(zmq.FD), QtCore.QSocketNotifier.Type.Read, self)
-        self.notifier.activated.connect(self.drain)
+        self.notifier.activated.connect(self._on_readable)
         self._follow_selection()
 
     def _follow_selection(self) -> None:
-        """Take the frames of the shown channel and direction only: a viewer costs the daemon the
-        bytes of what it shows, not of every channel it could show. On a switch the daemon sends
+        """Take the frames of the shown channel and direction only, paced to the rate the viewer
+        draws at: a viewer costs the daemon the bytes of what it shows, not of every frame of every
+        channel it could show. On a switch the daemon sends
         the new slot's newest final frame again at once (its last-value cache). The channel list
         comes from the daemon's status."""
         if self.socket is None:
@@ -202,14 +205,23 @@ class ViewerWindow(QtWidgets.QMainWindow):
                 self.channel_box.addItem(channel)
 
     # -- output -------------------------------------------------------------------------------
+    def _on_readable(self) -> None:
+        """Messages wait: take them all; if the last render is a display period old, draw now and
+        restart the timer from here, so that a frame is drawn as it lands, not up to a period later."""
+        self.drain()
+        if self.model.version != self._rendered and time.monotonic() - self._last_render >= 1.0 / RENDER_HZ:
+            self.timer.start()
+            self.render()
+
     def _tick(self) -> None:
         self.drain()
         if self.model.version != self._rendered:
             self.render()
 
     def render(self) -> None:
-        """Draw the newest state; called by the timer, at most RENDER_HZ times a second."""
+        """Draw the newest state; called at most RENDER_HZ times a second."""
         started = time.perf_counter()
+        self._last_render = time.monotonic()
         self._rendered = self.model.version
         channel = self.channel_box.currentText()
         direction = self.direction_box.currentText()
