@@ -55,7 +55,9 @@ def tap(endpoint: str, count: int | None = None, timeout_s: float | None = None,
                 continue
             frames = sock.recv_multipart(copy=False)
             try:
-                yield summarize(decoder.decode(frames))
+                summary = summarize(decoder.decode(frames))
+                summary["topic"] = bytes(frames[0].buffer).decode("ascii")  # a frame's on `frame:...` or `view:...`
+                yield summary
             except ProtocolError as exc:
                 yield {"type": "invalid", "reason": exc.reason, "detail": exc.detail}
             seen += 1

@@ -26,6 +26,7 @@ def test_sim_and_tap_show_the_wire():
     assert sim.returncode == 0, sim.stderr
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["type"] for r in rows[:3]] == ["truth", "scan_start", "heartbeat"]
+    assert [r["topic"] for r in rows[:3]] == ["truth", "scan_start", "heartbeat"]
     assert rows[0]["channels"] == ["Z", "Current", "clean", "tip_state"] and rows[0]["shapes"][3] == [32]
     assert rows[1]["plan"] == "lines:8" and rows[1]["channels"][0] == {"name": "Z", "unit": "m", "dtype": "float32"}
     line = rows[3]

@@ -37,6 +37,8 @@ from stm_live.viewer.model import TOPICS, ViewerModel, robust_levels, slot_topic
 log = logging.getLogger(__name__)
 
 RENDER_HZ = 30
+RENDER_SLACK_S = 1.0 / RENDER_HZ - 0.002  # the timer's period is whole milliseconds
+SIBLING_WAIT_S = 0.002  # an update's raw and reconstructed frames arrive together
 RECEIVE_HWM = 100  # frames waiting in the viewer, at most: it shows only the newest per slot anyway
 TIP_COLOURS = {"good": "#2e7d32", "blunt": "#ef6c00", "multi": "#c62828", "unstable": "#6a1b9a",
                "changed": "#1565c0"}
@@ -55,6 +57,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self.decoder = Decoder()
         self._rendered = -1
         self._last_render = 0.0
+        self._render_scheduled = False
         self.renders = 0
         self.render_ms: deque[float] = deque(maxlen=10_000)
         self.render_times: deque[float] = deque(maxlen=100_000)
@@ -206,16 +209,25 @@ class ViewerWindow(QtWidgets.QMainWindow):
 
     # -- output -------------------------------------------------------------------------------
     def _on_readable(self) -> None:
-        """Messages wait: take them all; if the last render is a display period old, draw now and
-        restart the timer from here, so that a frame is drawn as it lands, not up to a period later."""
+        """Messages wait: take them all and, if that changed anything, draw as soon as a display
+        period has passed since the last render, not at the timer's next tick (up to a period
+        later). The short wait lets the other kind of the same update (raw, reconstructed) land."""
         self.drain()
-        if self.model.version != self._rendered and time.monotonic() - self._last_render >= 1.0 / RENDER_HZ:
-            self.timer.start()
-            self.render()
+        if self.model.version != self._rendered and not self._render_scheduled:
+            wait_s = max(self._last_render + 1.0 / RENDER_HZ - time.monotonic(), SIBLING_WAIT_S)
+            self._render_scheduled = True
+            QtCore.QTimer.singleShot(int(np.ceil(wait_s * 1000)), self, self._scheduled_render)
+
+    def _scheduled_render(self) -> None:
+        self._render_scheduled = False
+        self._tick()
 
     def _tick(self) -> None:
+        """Draw the newest state if it changed, at most RENDER_HZ times a second (the timer restarts
+        at every render, so its next tick is a period after it)."""
         self.drain()
-        if self.model.version != self._rendered:
+        if self.model.version != self._rendered and time.monotonic() >= self._last_render + RENDER_SLACK_S:
+            self.timer.start()
             self.render()
 
     def render(self) -> None:
