@@ -80,7 +80,9 @@ def _header(raw: bytes) -> Any:
 
 
 def _frames_target() -> Target:
-    from stm_live.protocol import ChannelInfo, Decoder, Frame, Line, ProtocolError, ScanStart, TipReport, encode
+    from stm_live.protocol import (
+        ChannelInfo, Decoder, Frame, Line, ProtocolError, ScanStart, TipReport, encode, preview_topic,
+    )
 
     channels = (ChannelInfo("Z", "m"), ChannelInfo("Current", "A"))
     image = np.arange(16, dtype=np.float32).reshape(4, 4)
@@ -94,6 +96,7 @@ def _frames_target() -> Target:
         TipReport("s", 4, 4, "good", p, p, {"step": 0.1}, 1.0),
     ]
     seeds = [[bytes(memoryview(f).cast("B")) for f in encode(m)] for m in messages]
+    seeds.append([preview_topic("forward", "Z").encode(), *seeds[2][1:]])  # the frame on the viewers' stream
     decoder = Decoder()
 
     def mutate_frames(frames: list[bytes], rng: np.random.Generator) -> list[bytes]:
