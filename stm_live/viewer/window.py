@@ -341,7 +341,9 @@ class ViewerWindow(QtWidgets.QMainWindow):
         if tip is not None:
             colour = TIP_COLOURS.get(tip.state, "#555555")
             self.tip_label.setText(f"tip: {tip.state.upper()}  (P good {tip.probabilities.get('good', 0):.2f})")
-            self.tip_label.setStyleSheet(f"background:{colour}; color:white; font-weight:bold; padding:4px;")
+            style = f"background:{colour}; color:white; font-weight:bold; padding:4px;"
+            if self.tip_label.styleSheet() != style:  # setting a style sheet re-polishes the widget, every time
+                self.tip_label.setStyleSheet(style)
         alert = self.model.alert
         if alert is None:
             self.banner.hide()
