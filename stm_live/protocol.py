@@ -5,7 +5,7 @@ The topic frame is the message type (ZeroMQ filters on it natively); frames add 
 `view:<direction>:<channel>:` carries the same frames paced for viewers (`stm_live.preview`). The
 header is a msgpack map carrying the schema version `v`, the `type` and the type's fields; it
 describes each following array frame by name, dtype (NumPy typestr, so byte order is explicit)
-and shape. Arrays travel as raw bytes, sent without copying. No pickle anywhere.
+and shape. Arrays travel as raw bytes, encoded by reference (no serialisation). No pickle anywhere.
 
 Decoding is strict and bounded: unknown or missing fields, wrong types, sizes beyond the
 configured limits or array frames that disagree with the header raise ProtocolError, whose
