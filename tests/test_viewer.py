@@ -299,6 +299,42 @@ def test_the_viewer_takes_frames_of_the_shown_slot_only(qapp, window_and_publish
     assert window.model.missed == 0
 
 
+def test_a_frame_is_drawn_as_it_lands_but_not_more_often_than_the_display_rate(qapp, window_and_publisher):
+    """With the render timer stopped, a frame that lands a display period after the last render
+    is drawn anyway (the socket's notifier draws it); frames landing faster are drawn at most
+    RENDER_HZ times a second, the newest one last."""
+    from stm_live.viewer.window import RENDER_HZ
+
+    window, pub = window_and_publisher
+    window.channel_box.addItem("Z")
+    window.timer.stop()
+    time.sleep(0.3)  # the subscription reaches the publisher
+    image = np.ones((8, 8), np.float32)
+    renders = window.renders
+
+    def send(rows: int) -> None:
+        pub.send_multipart(for_viewer(Frame("s", "Z", "m", "forward", "raw", rows, (1.0, 1.0), "measured", 0.0,
+                                            False, 0.0, image * rows, image > 0)))
+
+    def pump(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            qapp.processEvents()
+            time.sleep(0.002)
+
+    send(1)
+    pump(0.5)
+    assert window.renders == renders + 1 and window._shown["measured"].rows_seen == 1
+    started, renders = time.monotonic(), window.renders
+    for rows in range(2, 42):
+        send(rows)
+        pump(0.005)
+    pump(0.3)
+    elapsed = time.monotonic() - started
+    assert window._shown["measured"].rows_seen == 41  # the newest, drawn without the timer
+    assert 1 <= window.renders - renders <= RENDER_HZ * elapsed + 1, (window.renders - renders, elapsed)
+
+
 def test_model_keeps_one_frame_per_slot_and_follows_the_newest_scan(recorded):
     model = ViewerModel()
     frames = [m for m in recorded if isinstance(m, Frame)]
