@@ -282,8 +282,9 @@ def bench_view(rate: float = 10_000.0, cols: int = 256, seconds: float = 20.0, r
     reports its render rate, CPU time, memory and missed messages. Runs alternate without / with
     the viewer `repeats` times, every other round in the opposite order, so both see the same
     machine and neither always goes first; the summary gives each arm's median and range, and the
-    median over rounds of the difference with minus without. With `null_subscriber`, a third arm in each round subscribes to what the viewer
-    takes and discards it: what the sending alone costs the daemon. A last run freezes the viewer
+    median over rounds of the difference with minus without. With `null_subscriber`, a third arm
+    in each round subscribes to what the viewer takes and discards it: what the sending alone
+    costs the daemon. A last run freezes the viewer
     (SIGSTOP) while the lines stream: what a hung viewer costs the daemon in memory and latency,
     and what the viewer counts as missed once it thaws.
     """

@@ -378,7 +378,8 @@ class Daemon:
         The arrays are copied into ZeroMQ's own buffers (about 20 microseconds for a 256x256 frame,
         as long as a send without copying takes here): sent without copying, every array would be
         released through pyzmq's garbage-collector thread, which takes the GIL from ingest and
-        reconstruction each time (docs/performance.md: the latency tail was longer)."""
+        reconstruction each time (docs/performance.md: in one 5-round comparison the latency tail
+        was wider that way; this machine's run-to-run noise is large)."""
         sock = getattr(self._worker_sockets, "socket", None)
         if sock is None:
             sock = self._worker_sockets.socket = self.context.socket(zmq.PUSH)

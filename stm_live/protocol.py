@@ -266,9 +266,10 @@ def frame_topic(final: bool, direction: str, channel: str) -> str:
     return f"{FINAL_FRAMES if final else 'frame:live:'}{direction}:{channel}:"
 
 
-def preview_topic(direction: str, channel: str) -> str:
-    """The topic of a slot's frames on the viewers' stream, `view:forward:Z:`."""
-    return f"{PREVIEW}:{direction}:{channel}:"
+def preview_topic(direction: str, channel: str | None = None) -> str:
+    """The topic of a slot's frames on the viewers' stream, `view:forward:Z:`; without a channel,
+    the prefix of every channel's in that direction, `view:forward:`."""
+    return f"{PREVIEW}:{direction}:" + (f"{channel}:" if channel else "")
 
 
 def topic(msg: Message) -> str:

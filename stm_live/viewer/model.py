@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stm_live.protocol import (
-    PREVIEW, ActionReport, Frame, LocMap, Message, Status, TipAlert, TipReport, preview_topic,
+    ActionReport, Frame, LocMap, Message, Status, TipAlert, TipReport, preview_topic,
 )
 
 SlotKey = tuple[str, str, str, str]
@@ -29,8 +29,6 @@ def slot_topics(channel: str | None, direction: str) -> tuple[str, ...]:
     """The frames a viewer showing this slot takes: the slot's paced `view:` stream (at most the
     rate it draws at); every channel's of the direction while no channel is known yet (the
     first frames name the channels)."""
-    if not channel:
-        return (f"{PREVIEW}:{direction}:",)
     return (preview_topic(direction, channel),)
 
 

@@ -1,12 +1,13 @@
 """`stm-live view`: the live viewer (pyqtgraph on PySide6).
 
 A ZeroMQ SUB socket's file descriptor drives a QSocketNotifier: on every wake-up the viewer
-drains everything waiting into the ViewerModel (one latest frame per slot) and draws only if
-the last render is a display period old; a timer renders the newest state at up to 30 Hz. The socket takes the frames of the shown
-channel and direction only, from the daemon's stream for viewers, which is paced to the rate the
-viewer draws at (`view:` topics, stm_live/preview.py). The viewer never talks back to the
-daemon, so a slow or frozen viewer only fills its own queue on the daemon's PUB socket, bounded
-by `zmq.output_hwm`, past which the daemon drops that subscriber's messages alone.
+drains everything waiting into the ViewerModel (one latest frame per slot) and draws once the
+last render is a display period old; a timer renders the newest state at up to 30 Hz. The
+socket takes the frames of the shown channel and direction only, from the daemon's stream for
+viewers, which is paced to the rate the viewer draws at (`view:` topics, stm_live/preview.py).
+The viewer never talks back to the daemon, so a slow or frozen viewer only fills its own queue
+on the daemon's PUB socket, bounded by `zmq.output_hwm`, past which the daemon drops that
+subscriber's messages alone.
 
 Panels: the measured frame as scanned (unmeasured pixels blank), the reconstruction (its
 inferred pixels are labelled as such in the title, and measured ones are the measured values),
@@ -165,9 +166,8 @@ class ViewerWindow(QtWidgets.QMainWindow):
     def _follow_selection(self) -> None:
         """Take the frames of the shown channel and direction only, paced to the rate the viewer
         draws at: a viewer costs the daemon the bytes of what it shows, not of every frame of every
-        channel it could show. On a switch the daemon sends
-        the new slot's newest final frame again at once (its last-value cache). The channel list
-        comes from the daemon's status."""
+        channel it could show. On a switch the daemon sends the new slot's newest final frame
+        again at once (its last-value cache). The channel list comes from the daemon's status."""
         if self.socket is None:
             return
         wanted = slot_topics(self.channel_box.currentText(), self.direction_box.currentText())
