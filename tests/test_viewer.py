@@ -17,7 +17,8 @@ from PySide6 import QtGui, QtWidgets  # noqa: E402
 from stm_live.demo import free_tcp_endpoint  # noqa: E402
 from stm_live.protocol import Frame, LocMap, TipAlert, encode, topic  # noqa: E402
 from stm_live.sim.instrument import SimInstrument  # noqa: E402
-from stm_live.viewer.model import TOPICS, ViewerModel, robust_levels, slot_topics, viewer_topic  # noqa: E402
+from stm_live.viewer.model import (  # noqa: E402
+    BLANK_RGB, TOPICS, ViewerModel, colour_table, colourize, robust_levels, slot_topics, viewer_topic)
 from stm_live.viewer.window import ViewerWindow  # noqa: E402
 
 from conftest import CHANNELS, Harness, make_frame, scan_start  # noqa: E402
@@ -374,3 +375,34 @@ def test_robust_levels_ignore_spikes_and_gaps():
     lo, hi = robust_levels(image)
     assert 0 <= lo < 0.01 and 0.99 < hi <= 1.0
     assert robust_levels(np.full((4, 4), np.nan)) == (0.0, 1.0)
+
+
+def test_colourize_maps_levels_to_the_ends_of_the_table_and_missing_pixels_to_blank():
+    table = colour_table("inferno")
+    image = np.array([[-5.0, 0.0, 0.5], [1.0, 7.0, np.nan]], np.float32)
+    rgb = colourize(image, (0.0, 1.0), table)
+    assert rgb.shape == (2, 3, 4) and rgb.dtype == np.uint8
+    assert (rgb[..., 3] == 255).all()
+    assert (rgb[0, 0] == table[0]).all() and (rgb[0, 1] == table[0]).all()  # below the levels: the low end
+    assert (rgb[1, 0] == table[255]).all() and (rgb[1, 1] == table[255]).all()  # above: the high end
+    assert (rgb[0, 2] == table[127]).all()
+    assert tuple(rgb[1, 2, :3]) == BLANK_RGB
+    assert BLANK_RGB not in {tuple(c) for c in table[:256, :3]}  # never confused with a value
+    assert (colourize(np.ones((2, 2)), (1.0, 1.0), table) == table[0]).all()  # flat frame, empty range
+
+
+def test_panels_reach_qt_as_opaque_colours(qapp, recorded):
+    """The picture is coloured before it reaches the image item: an item left with levels or a
+    colour map of its own would hand Qt an indexed image, which Qt converts on every paint."""
+    window = ViewerWindow()
+    try:
+        for msg in recorded:
+            window.apply(msg)
+        window.render()
+        for name in ("measured", "reconstructed", "uncertainty"):
+            item = window.images[name]
+            assert item.levels is None and item.lut is None
+            item.render()
+            assert item.qimage.format() in (QtGui.QImage.Format.Format_RGBA8888, QtGui.QImage.Format.Format_RGBX8888)
+    finally:
+        window.close()

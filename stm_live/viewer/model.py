@@ -124,11 +124,39 @@ class ViewerModel:
 
 def robust_levels(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> tuple[float, float]:
     """Colour levels from percentiles of the finite pixels (spikes do not wash out the frame);
-    read from about 16k of them, evenly spread, which sets levels as well as all of them."""
+    read from about 16k of them, evenly spread, which sets levels as well as all of them, by
+    nearest rank in one partial sort (np.percentile's interpolation costs twice that)."""
     stride = max(1, int(np.sqrt(image.size / 16_384)))
     sample = image[::stride, ::stride]
     finite = sample[np.isfinite(sample)]
     if finite.size == 0:
         return 0.0, 1.0
-    lo, hi = np.percentile(finite, [low, high])
+    ranks = (round(low / 100 * (finite.size - 1)), round(high / 100 * (finite.size - 1)))
+    lo, hi = np.partition(finite, ranks)[list(ranks)]
     return (float(lo), float(hi)) if hi > lo else (float(lo), float(lo) + 1e-12)
+
+
+BLANK_RGB = (96, 96, 96)  # pixels with no value (not measured yet): a grey none of the colour maps has
+
+
+def colour_table(colormap: str) -> np.ndarray:
+    """(257, 4) uint8 RGBX table: 256 colours of the named map, then the blank colour."""
+    import pyqtgraph as pg
+
+    table = np.empty((257, 4), np.uint8)
+    table[:256] = pg.colormap.get(colormap).getLookupTable(nPts=256, alpha=True)
+    table[256] = (*BLANK_RGB, 255)
+    table[:, 3] = 255
+    return table
+
+
+def colourize(image: np.ndarray, levels: tuple[float, float], table: np.ndarray) -> np.ndarray:
+    """Float image -> (rows, cols, 4) opaque uint8 colours, levels clipped to the ends of the map and
+    missing (NaN) pixels blank. Done here rather than by the image item, whose 8-bit indexed
+    image Qt converts again on every paint (about 0.6 ms a panel against 0.16). The table is read as 32-bit words: one gather a pixel."""
+    lo, hi = levels
+    scaled = (np.asarray(image, np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo) if hi > lo else 0.0)
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    np.nan_to_num(scaled, copy=False, nan=256.0)
+    colours = np.take(table.view(np.uint32).ravel(), scaled.astype(np.uint16))
+    return colours.view(np.uint8).reshape(*colours.shape, 4)

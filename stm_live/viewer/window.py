@@ -33,7 +33,7 @@ from PySide6 import QtCore, QtWidgets
 
 from stm_live.protocol import Decoder, Frame, LocMap, Message, ProtocolError, Status
 from stm_live.security import LOOPBACK_ONLY, Security
-from stm_live.viewer.model import TOPICS, ViewerModel, robust_levels, slot_topics
+from stm_live.viewer.model import TOPICS, ViewerModel, colour_table, colourize, robust_levels, slot_topics
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self.first_frame_at: float | None = None
         self.last_frame_at: float | None = None
         self._levels_locked: dict[str, tuple[float, float]] = {}
+        self._levels: dict[str, tuple[float, float]] = {}  # what each panel was last drawn with
+        self.tables: dict[str, np.ndarray] = {}
         self._titles: dict[str, str] = {}
         self._rects: dict[str, tuple] = {}
         self._shown: dict[str, Frame | LocMap] = {}  # what each panel draws: unchanged panels are not redrawn
@@ -125,7 +127,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
             view.hideAxis("left")
             view.hideAxis("bottom")
             image = pg.ImageItem()
-            image.setColorMap(pg.colormap.get("viridis" if name == "uncertainty" else "inferno"))
+            self.tables[name] = colour_table("viridis" if name == "uncertainty" else "inferno")
             view.addItem(image)
             self.views[name], self.images[name] = view, image
             progress = pg.TextItem(color="w", anchor=(0, 0))
@@ -138,7 +140,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
         view.hideAxis("left")
         view.hideAxis("bottom")
         image = pg.ImageItem()
-        image.setColorMap(pg.colormap.get("magma"))
+        self.tables[LOCALIZATION] = colour_table("magma")
         view.addItem(image)
         self.atoms = pg.ScatterPlotItem(size=5, pen=pg.mkPen("c", width=0.8), brush=None, pxMode=True)
         view.addItem(self.atoms)
@@ -275,9 +277,8 @@ class ViewerWindow(QtWidgets.QMainWindow):
                 "shown_frame_age_ms_p99": round(float(np.percentile(ages, 99)), 1)}
 
     def _show(self, name: str, image: np.ndarray, frame: Frame) -> None:
-        item = self.images[name]
         levels = self._levels_locked.get(name) or robust_levels(image)
-        item.setImage(np.nan_to_num(image, nan=levels[0] - 1.0), levels=levels, autoLevels=False)
+        self._paint(name, image, levels)
         width_nm, height_nm = frame.size_nm
         self._set_rect(name, width_nm, height_nm)
         if name not in self.scale_bars:
@@ -289,8 +290,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
     def _show_locmap(self, locmap: LocMap) -> None:
         """Density of localizations with the pooled atoms on top; the title says what it rests on."""
         rows, cols = locmap.density.shape
-        item = self.images[LOCALIZATION]
-        item.setImage(locmap.density, levels=robust_levels(locmap.density, 0.0, 99.9), autoLevels=False)
+        self._paint(LOCALIZATION, locmap.density, robust_levels(locmap.density, 0.0, 99.9))
         self._set_rect(LOCALIZATION, cols * locmap.density_pixel_nm, rows * locmap.density_pixel_nm)
         self.atoms.setData(locmap.atoms[0], locmap.atoms[1])
         x0, y0, x1, y1 = locmap.molecules[:4]
@@ -312,6 +312,12 @@ class ViewerWindow(QtWidgets.QMainWindow):
             f"{f' ({locmap.molecule_atoms.shape[1]} atoms on their crops)' if locmap.molecule_atoms.size else ''}, "
             f"{locmap.samples} "
             f"{locmap.method} samples, median precision {precision}, {lattice}{drift}")
+
+    def _paint(self, name: str, image: np.ndarray, levels: tuple[float, float]) -> None:
+        """Hand the panel its picture in colour already (the item keeps no levels or colour map of
+        its own, so Qt draws the colours as they are)."""
+        self._levels[name] = levels
+        self.images[name].setImage(colourize(image, levels, self.tables[name]), autoLevels=False)
 
     def _set_title(self, name: str, text: str) -> None:
         """Retitle only on change: a new title re-lays out the whole plot."""
@@ -367,8 +373,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self.status_label.setText("  |  ".join(parts))
 
     def _lock_levels(self, locked: bool) -> None:
-        self._levels_locked = {name: tuple(item.levels) for name, item in self.images.items()
-                               if locked and item.image is not None}
+        self._levels_locked = dict(self._levels) if locked else {}
 
     # -- saving -------------------------------------------------------------------------------
     def _ask_and_save(self, filters: str, save) -> None:
