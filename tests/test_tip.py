@@ -166,6 +166,42 @@ def test_eval_tip_reports_every_figure(classifier):
     assert result["false_alerts_per_100_clean_frames"] >= 0
     surfaces = result["monitor_per_surface"]
     assert sum(s["windows"] for s in surfaces.values()) == result["windows"]
+    for kind in ("monitor", "single_window"):
+        by_threshold = result["visibility"][kind]
+        assert list(by_threshold) == [f"{t:g}" for t in result["visibility"]["thresholds"]]
+        shares = [v["multi_windows_visible"] for v in by_threshold.values()]
+        assert shares == sorted(shares, reverse=True)  # a higher bar keeps fewer windows
+
+
+def test_degradation_visibility_is_what_the_tip_changes_in_the_image():
+    """A second apex sitting on the first changes nothing visible; moved off it, it doubles the
+    molecules; a blunt tip smears them; a good tip's rows are 0 and a tip change is always seen."""
+    from dataclasses import replace
+
+    from stm_live.sim.frames import SimFrame, random_spec, simulate_frame
+    from stm_live.sim.scan import TipScenario, TipSegment
+    from stm_live.sim.tip import Apex, Tip
+    from stm_live.tip.episodes import degradation_visibility
+
+    rng = np.random.default_rng(5)
+    spec = random_spec(rng, 128, surface="supramolecules", scenario="good", frame_nm=12.0)
+    frame = simulate_frame(spec, rng)
+    assert (degradation_visibility(frame) == 0).all()
+
+    def seen_through(*segments: TipSegment) -> np.ndarray:
+        scenario = TipScenario("x", segments)
+        return degradation_visibility(SimFrame(replace(spec, scenario=scenario), frame.measurement,
+                                               frame.clean_nm, frame.topography))
+
+    def multi(offset_nm: tuple[float, float]) -> Tip:
+        return Tip("multi", 0.05, (Apex((0.0, 0.0), 1.0), Apex(offset_nm, 0.8)))
+
+    assert seen_through(TipSegment(0, multi((0.0, 0.0)))).max() < 1.0
+    doubled = seen_through(TipSegment(0, multi((1.2, 0.7))))
+    assert np.median(doubled) > 20
+    assert np.median(seen_through(TipSegment(0, Tip("blunt", 0.6)))) > 20
+    changed = seen_through(TipSegment(0, Tip("good", 0.05)), TipSegment(64, Tip("blunt", 0.6), streak_lines=2))
+    assert np.isinf(changed).sum() == 2
 
 
 # -- conditioning policy -----------------------------------------------------------------------

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from stm_live.drivers.scanfiles import read_scan_file
-from stm_live.sim.frames import random_spec, simulate_frame
+from stm_live.sim import tip as tips
+from stm_live.sim.frames import SimFrame, random_spec, simulate_frame
 from stm_live.sim.scan import acquisition_rows
 from stm_live.tip.classifier import WINDOW_ROWS, summarize, window_image
 from stm_live.tip.features import N_FEATURES, row_features
@@ -33,6 +34,7 @@ class RowSequence:
     scenario: str
     surface: str
     change_at: int | None
+    visibility: np.ndarray | None = None
 
     def features(self) -> np.ndarray:
         out = np.empty((len(self.labels), N_FEATURES), np.float32)
@@ -58,9 +60,42 @@ def scan_file_sequences(path: str | Path, strides: tuple[int, ...] = (1, 2, 4)) 
     return out
 
 
+SHARP_RESOLUTION_NM = float(np.mean(tips.GOOD_RESOLUTION_NM))
+
+
+def degradation_visibility(frame: SimFrame) -> np.ndarray:
+    """Per frame row, how visible the tip's degradation is: the noise-free difference between the
+    row as imaged through the tip in use and through one sharp apex (a multi-apex tip's main apex
+    alone; a blunt tip's place taken by a good one), as the signal-to-noise ratio a detector that
+    knew the sharp image would have: sqrt(sum of squared differences) / the scan's noise per
+    pixel. A second apex over a flat terrace, or a blunt tip over a surface with no fine
+    structure, changes nothing to see: no monitor can tell such rows from a good tip's.
+    Drift and the scan's other distortions are left out. Rows of unstable or changing tips are
+    infinitely visible (their events are the degradation); good tips' rows 0."""
+    spec, topo = frame.spec, frame.topography
+    order = acquisition_rows(spec.size_px, spec.scan.scan_direction)
+    noise = float(np.hypot(spec.scan.white_noise_nm, spec.scan.flicker_noise_nm))
+    out = np.zeros(spec.size_px)
+    segments = spec.scenario.segments
+    for k, segment in enumerate(segments):
+        rows = order[segment.start:segments[k + 1].start if k + 1 < len(segments) else None]
+        tip = segment.tip
+        if segment.unstable:
+            out[rows] = np.inf
+        elif tip.state == "multi" or tip.state == "blunt":
+            sharp = tips.Tip("good", tip.resolution_nm if tip.state == "multi" else SHARP_RESOLUTION_NM)
+            difference = topo.canvas.crop(tips.image(topo, tip) - tips.image(topo, sharp))[rows]
+            difference -= difference.mean(axis=1, keepdims=True)  # a constant offset is not visible
+            out[rows] = np.sqrt((difference.astype(np.float64) ** 2).sum(axis=1)) / noise
+        if k > 0:
+            out[order[segment.start:segment.start + segment.streak_lines]] = np.inf
+    return out
+
+
 def simulate_sequence(seed: int, index: int, size: int = 256, scenario: str | None = None,
-                      stride: int | None = None) -> RowSequence:
-    """One simulated frame as the monitor sees it; the stride is drawn (1, 1, 2, 4) unless given."""
+                      stride: int | None = None, visibility: bool = False) -> RowSequence:
+    """One simulated frame as the monitor sees it; the stride is drawn (1, 1, 2, 4) unless given.
+    With `visibility`, each row's degradation_visibility too (it renders the frame again)."""
     rng = np.random.default_rng([seed, index, 7])
     spec = random_spec(rng, size, scenario=scenario, scenario_weights=TRAINING_SCENARIOS)
     frame = simulate_frame(spec, rng)
@@ -71,7 +106,8 @@ def simulate_sequence(seed: int, index: int, size: int = 256, scenario: str | No
     if len(spec.scenario.segments) > 1:
         change_at = int(np.searchsorted(np.arange(0, size, stride), spec.scenario.segments[1].start))
     return RowSequence(z[0][order], z[1][order], frame.measurement.tip_state[order],
-                       spec.frame_nm / size, spec.scenario.name, spec.surface, change_at)
+                       spec.frame_nm / size, spec.scenario.name, spec.surface, change_at,
+                       degradation_visibility(frame)[order] if visibility else None)
 
 
 def windows(sequence: RowSequence, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -108,6 +144,6 @@ def training_windows(seed: int, frames: int, size: int = 256, per_frame: int = 1
 
 
 def evaluation_sequences(seed: int, count: int, scenario: str | None = None, size: int = 256,
-                         stride: int = 1) -> Iterator[RowSequence]:
+                         stride: int = 1, visibility: bool = False) -> Iterator[RowSequence]:
     for index in range(count):
-        yield simulate_sequence(seed, index, size, scenario=scenario, stride=stride)
+        yield simulate_sequence(seed, index, size, scenario=scenario, stride=stride, visibility=visibility)

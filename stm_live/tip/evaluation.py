@@ -7,7 +7,10 @@ runs it (same features, classifier, hop and state machine), on seeds the classif
   (filtered over windows, what it publishes) and for single windows alone;
 - tip changes: a good tip turns blunt or multi mid-frame; the delay is the number of rows from
   the change to the alert (alerts before the change count as false alerts; no alert as missed);
-- clean frames: good tips frame after frame through one monitor; false alerts per 100 frames.
+- clean frames: good tips frame after frame through one monitor; false alerts per 100 frames;
+- visibility: the same AUROCs with degraded windows kept only where the degradation changed the
+  image enough to be seen at all (episodes.degradation_visibility): in the window itself for
+  single windows, in any row since the tip degraded for the monitor's belief, which remembers.
 Recorded scans (.sxm, ...) run through the same monitor row by row give the rows it flags.
 """
 
@@ -25,9 +28,11 @@ from stm_live.protocol import TIP_STATES
 from stm_live.sim.scan import acquisition_rows
 from stm_live.tip.classifier import TipClassifier
 from stm_live.tip.episodes import RowSequence, evaluation_sequences
+from stm_live.tip.classifier import WINDOW_ROWS
 from stm_live.tip.monitor import GOOD, TipMonitor
 
 EVALUATION_SEED = 1_000_003
+VISIBILITY_THRESHOLDS = (20.0, 100.0, 500.0)
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
@@ -60,12 +65,14 @@ def stream(monitor: TipMonitor, sequence: RowSequence, uid: str) -> tuple[list[R
 
 
 def _collect(readings: list[Reading], sequence: RowSequence, scores: list, beliefs: list, labels: list,
-             surfaces: list) -> None:
+             surfaces: list, visible: list) -> None:
+    seen = np.maximum.accumulate(sequence.visibility)
     for i, window, belief in readings:
         scores.append(window)
         beliefs.append(belief)
         labels.append(int(sequence.labels[i]))
         surfaces.append(sequence.surface)
+        visible.append((sequence.visibility[max(0, i - WINDOW_ROWS + 1):i + 1].max(), seen[i]))
 
 
 def _aurocs(p: np.ndarray, y: np.ndarray) -> dict:
@@ -87,21 +94,39 @@ def _per_surface(p: np.ndarray, y: np.ndarray, surfaces: np.ndarray) -> dict:
     return out
 
 
+def _by_visibility(p: np.ndarray, y: np.ndarray, visibility: np.ndarray) -> dict:
+    """Good vs degraded and good vs multi with only the degraded windows whose degradation was at
+    least this visible, and the share of blunt and multi windows that are."""
+    good, multi, blunt = (TIP_STATES.index(s) for s in (GOOD, "multi", "blunt"))
+    out = {}
+    for threshold in VISIBILITY_THRESHOLDS:
+        kept = (y == good) | (visibility >= threshold)
+        pair = kept & ((y == good) | (y == multi))
+        out[f"{threshold:g}"] = {
+            "auroc_good_vs_degraded": auroc(1 - p[kept, good], y[kept] != good),
+            "auroc_good_vs_multi": auroc(1 - p[pair, good], y[pair] == multi),
+            "multi_windows_visible": round(float(np.mean(visibility[y == multi] >= threshold)), 3),
+            "blunt_windows_visible": round(float(np.mean(visibility[y == blunt] >= threshold)), 3)}
+    return out
+
+
 def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1, hop: int = 2,
                  progress: Callable[[int], None] = lambda n: None) -> dict:
     scores: list[np.ndarray] = []
     beliefs: list[np.ndarray] = []
     labels: list[int] = []
     surfaces: list[str] = []
+    visible: list[tuple[float, float]] = []
     delays: list[int] = []
     missed = early = 0
     started = time.perf_counter()
 
     for scenario in ("blunt", "multi", "unstable", "change"):
-        for k, sequence in enumerate(evaluation_sequences(EVALUATION_SEED, episodes, scenario, stride=stride)):
+        for k, sequence in enumerate(evaluation_sequences(EVALUATION_SEED, episodes, scenario, stride=stride,
+                                                                    visibility=True)):
             monitor = TipMonitor(classifier, hop=hop)
             readings, alerts = stream(monitor, sequence, f"{scenario}-{k}")
-            _collect(readings, sequence, scores, beliefs, labels, surfaces)
+            _collect(readings, sequence, scores, beliefs, labels, surfaces, visible)
             progress(1)
             if scenario != "change" or sequence.change_at is None:
                 continue
@@ -117,19 +142,24 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
 
     clean_monitor = TipMonitor(classifier, hop=hop)
     false_alerts = 0
-    for k, sequence in enumerate(evaluation_sequences(EVALUATION_SEED + 1, episodes, "good", stride=stride)):
+    for k, sequence in enumerate(evaluation_sequences(EVALUATION_SEED + 1, episodes, "good", stride=stride,
+                                                                    visibility=True)):
         readings, alerts = stream(clean_monitor, sequence, f"good-{k}")
         false_alerts += sum(1 for _, state in alerts if state != GOOD)
-        _collect(readings, sequence, scores, beliefs, labels, surfaces)
+        _collect(readings, sequence, scores, beliefs, labels, surfaces, visible)
         progress(1)
 
     y = np.array(labels)
     belief = np.array(beliefs)
+    in_window, since_degraded = np.array(visible).T
     return {
         "episodes_per_scenario": episodes, "stride": stride, "hop": hop, "windows": int(len(y)),
         "window_counts": {state: int((y == c).sum()) for c, state in enumerate(TIP_STATES)},
         "monitor": _aurocs(belief, y), "single_window": _aurocs(np.array(scores), y),
         "monitor_per_surface": _per_surface(belief, y, np.array(surfaces)),
+        "visibility": {"thresholds": list(VISIBILITY_THRESHOLDS),
+                       "monitor": _by_visibility(belief, y, since_degraded),
+                       "single_window": _by_visibility(np.array(scores), y, in_window)},
         "tip_changes": {"detected": len(delays), "missed": missed, "alerts_before_change": early,
                         "median_delay_rows": float(np.median(delays)) if delays else None,
                         "p90_delay_rows": float(np.percentile(delays, 90)) if delays else None},
