@@ -18,8 +18,8 @@ from stm_live.demo import free_tcp_endpoint  # noqa: E402
 from stm_live.protocol import Frame, LocMap, TipAlert, encode, topic  # noqa: E402
 from stm_live.sim.instrument import SimInstrument  # noqa: E402
 from stm_live.viewer.model import (  # noqa: E402
-    BLANK_RGB, TOPICS, ViewerModel, colour_table, colourize, robust_levels, slot_topics, viewer_topic)
-from stm_live.viewer.window import ViewerWindow  # noqa: E402
+    BLANK_RGB, TOPICS, ViewerModel, colourize, robust_levels, slot_topics, viewer_topic)
+from stm_live.viewer.window import ViewerWindow, colour_table  # noqa: E402
 
 from conftest import CHANNELS, Harness, make_frame, scan_start  # noqa: E402
 

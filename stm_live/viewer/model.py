@@ -139,21 +139,12 @@ def robust_levels(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> tu
 BLANK_RGB = (96, 96, 96)  # pixels with no value (not measured yet): a grey none of the colour maps has
 
 
-def colour_table(colormap: str) -> np.ndarray:
-    """(257, 4) uint8 RGBX table: 256 colours of the named map, then the blank colour."""
-    import pyqtgraph as pg
-
-    table = np.empty((257, 4), np.uint8)
-    table[:256] = pg.colormap.get(colormap).getLookupTable(nPts=256, alpha=True)
-    table[256] = (*BLANK_RGB, 255)
-    table[:, 3] = 255
-    return table
-
-
 def colourize(image: np.ndarray, levels: tuple[float, float], table: np.ndarray) -> np.ndarray:
-    """Float image -> (rows, cols, 4) opaque uint8 colours, levels clipped to the ends of the map and
-    missing (NaN) pixels blank. Done here rather than by the image item, whose 8-bit indexed
-    image Qt converts again on every paint (about 0.6 ms a panel against 0.16). The table is read as 32-bit words: one gather a pixel."""
+    """Float image -> (rows, cols, 4) opaque uint8 colours from a (257, 4) table (256 colours, then
+    the blank one), levels clipped to the ends of the map and missing (NaN) pixels blank. Done
+    here rather than by the image item, whose 8-bit indexed image Qt converts again on every
+    paint (about 0.6 ms a panel against 0.16). The table is read as 32-bit words: one gather a
+    pixel."""
     lo, hi = levels
     scaled = (np.asarray(image, np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo) if hi > lo else 0.0)
     np.clip(scaled, 0.0, 255.0, out=scaled)

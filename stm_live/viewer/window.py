@@ -33,7 +33,7 @@ from PySide6 import QtCore, QtWidgets
 
 from stm_live.protocol import Decoder, Frame, LocMap, Message, ProtocolError, Status
 from stm_live.security import LOOPBACK_ONLY, Security
-from stm_live.viewer.model import TOPICS, ViewerModel, colour_table, colourize, robust_levels, slot_topics
+from stm_live.viewer.model import BLANK_RGB, TOPICS, ViewerModel, colourize, robust_levels, slot_topics
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,15 @@ PANELS = (("measured", "raw", "Measured (as scanned)"),
           ("reconstructed", "reconstructed", "Reconstructed: INFERRED where not measured"),
           ("uncertainty", "reconstructed", "Uncertainty (1 sigma) of inferred pixels"))
 LOCALIZATION = "localization"
+
+
+def colour_table(colormap: str) -> np.ndarray:
+    """(257, 4) uint8 table for `colourize`: 256 opaque colours of the named map, then the blank one."""
+    table = np.empty((257, 4), np.uint8)
+    table[:256] = pg.colormap.get(colormap).getLookupTable(nPts=256, alpha=True)
+    table[256] = (*BLANK_RGB, 255)
+    table[:, 3] = 255
+    return table
 
 
 class ViewerWindow(QtWidgets.QMainWindow):
