@@ -216,7 +216,7 @@ def cmd_eval_tip(args: argparse.Namespace) -> int:
     from stm_live.tip.evaluation import evaluate_tip, monitor_scan_file, plot_scan_files
 
     logging.getLogger("stm_live.tip.monitor").setLevel(logging.ERROR)
-    classifier = TipClassifier()
+    classifier = TipClassifier(Path(args.weights)) if args.weights else TipClassifier()
     if args.real:
         results = [monitor_scan_file(path, classifier, args.hop) for path in args.real]
         if args.plot:
@@ -497,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hop", type=int, default=2, help="classify every hop rows")
     p.add_argument("--real", nargs="+", help="instead: run the monitor over these recorded scans (.sxm, .sm4, ...)")
     p.add_argument("--plot", help="with --real: write a figure of the rows the monitor flags")
+    p.add_argument("--weights", help="classifier weights to evaluate (default: the shipped ones)")
     p.add_argument("--json", help="write the result here too")
     p.set_defaults(func=cmd_eval_tip)
 

@@ -7,9 +7,9 @@ from scipy import ndimage
 
 from stm_live.config import ConditioningSettings
 from stm_live.protocol import TIP_STATES
-from stm_live.tip.classifier import WINDOW_ROWS, TipClassifier
+from stm_live.tip.classifier import WINDOW_ROWS, TipClassifier, full_window
 from stm_live.tip.conditioning import ConditioningPolicy
-from stm_live.tip.episodes import simulate_sequence
+from stm_live.tip.episodes import simulate_sequence, windows
 from stm_live.tip.evaluation import auroc, evaluate_tip, monitor_scan_file, stream
 from stm_live.tip.features import FEATURE_NAMES, row_features
 from stm_live.tip.monitor import TipMonitor, TipStateMachine
@@ -103,11 +103,12 @@ def test_a_tip_change_is_announced_from_one_window_and_restarts_the_belief():
 
 # -- the shipped classifier in the monitor -----------------------------------------------------
 
-def test_monitor_classifies_every_hop_rows_once_a_window_is_full(classifier):
+def test_monitor_classifies_every_hop_rows_once_it_has_enough_rows(classifier):
     sequence = simulate_sequence(4242, 0, 128, scenario="good", stride=1)
     monitor = TipMonitor(classifier, hop=4)
     readings, _ = stream(monitor, sequence, "scan")
-    assert [i for i, _, _ in readings][:3] == [WINDOW_ROWS - 1, WINDOW_ROWS + 3, WINDOW_ROWS + 7]
+    first = classifier.min_rows
+    assert [i for i, _, _ in readings][:3] == [first - 1, first + 3, first + 7]
     assert monitor.counters["tip_rows"] == 128
     for _, window, belief in readings:
         assert window.sum() == pytest.approx(1.0, abs=1e-3) and belief.sum() == pytest.approx(1.0, abs=1e-3)
@@ -129,15 +130,39 @@ def test_a_gap_in_the_lines_restarts_the_window(classifier):
     sequence = simulate_sequence(4242, 1, 128, scenario="good", stride=1)
     monitor = TipMonitor(classifier, hop=1)
     monitor.start_scan("s", sequence.pixel_nm, ("forward", "backward"))
-    for i in range(WINDOW_ROWS + 4):
+    first = classifier.min_rows
+    for i in range(first + 4):
         monitor.add_line("s", i, "forward", sequence.forward[i])
         monitor.add_line("s", i, "backward", sequence.backward[i])
     assert monitor.counters["tip_windows"] == 5
     monitor.restart_window("s")
-    for i in range(60, 60 + WINDOW_ROWS - 1):
+    for i in range(60, 60 + first - 1):
         monitor.add_line("s", i, "forward", sequence.forward[i])
         monitor.add_line("s", i, "backward", sequence.backward[i])
-    assert monitor.counters["tip_windows"] == 5 and len(monitor.scans["s"].features) == WINDOW_ROWS - 1
+    assert monitor.counters["tip_windows"] == 5 and len(monitor.scans["s"].features) == first - 1
+
+
+def test_short_windows_are_the_rows_mirrored_back_in_time():
+    rows = np.arange(5.0)[:, None] * np.ones((1, 3))
+    window = full_window(rows)
+    assert window.shape == (WINDOW_ROWS, 3)
+    assert window[-5:, 0].tolist() == [0, 1, 2, 3, 4]  # the newest rows as they came
+    assert window[-9:-5, 0].tolist() == [4, 3, 2, 1]  # then mirrored about the oldest
+    full = np.arange(WINDOW_ROWS * 2.0).reshape(WINDOW_ROWS, 2)
+    assert full_window(full) is full
+
+
+def test_the_monitor_reads_short_windows_as_they_were_trained(classifier, monkeypatch):
+    """What the monitor gives the classifier from a scan's first rows is what training gave it."""
+    sequence = simulate_sequence(4242, 2, 128, scenario="multi", stride=2)
+    monkeypatch.setattr(classifier, "min_rows", 8)
+    readings, _ = stream(TipMonitor(classifier, hop=2), sequence, "scan")
+    ends = np.array([i for i, _, _ in readings[:4]])
+    assert ends.tolist() == [7, 9, 11, 13]
+    images, summaries, _ = windows(sequence, ends, ends + 1)
+    for (_, monitored, _), image, summary in zip(readings, images, summaries):
+        trained = classifier.probabilities(image.astype(np.float32), summary)
+        assert np.allclose(monitored, trained, atol=2e-3)
 
 
 def test_monitor_alerts_soon_after_a_tip_change(classifier):

@@ -19,7 +19,7 @@ from stm_live.drivers.scanfiles import read_scan_file
 from stm_live.sim import tip as tips
 from stm_live.sim.frames import SimFrame, random_spec, simulate_frame
 from stm_live.sim.scan import acquisition_rows
-from stm_live.tip.classifier import WINDOW_ROWS, summarize, window_image
+from stm_live.tip.classifier import WINDOW_ROWS, full_window, summarize, window_image
 from stm_live.tip.features import N_FEATURES, row_features
 
 TRAINING_SCENARIOS = {"good": 0.3, "blunt": 0.15, "multi": 0.2, "unstable": 0.15, "change": 0.2}
@@ -110,31 +110,39 @@ def simulate_sequence(seed: int, index: int, size: int = 256, scenario: str | No
                        degradation_visibility(frame)[order] if visibility else None)
 
 
-def windows(sequence: RowSequence, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Network inputs and labels for the windows ending at each acquired-row index in `ends`."""
+def windows(sequence: RowSequence, ends: np.ndarray, lengths: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Network inputs and labels for the windows ending at each acquired-row index in `ends`, of
+    WINDOW_ROWS rows or `lengths` (fewer, as at the start of a scan: mirrored to full size)."""
     features = sequence.features()
-    images = np.stack([window_image(sequence.forward[e - WINDOW_ROWS + 1:e + 1],
-                                    sequence.backward[e - WINDOW_ROWS + 1:e + 1]) for e in ends])
-    summaries = np.stack([summarize(features[e - WINDOW_ROWS + 1:e + 1]) for e in ends])
+    lengths = np.full(len(ends), WINDOW_ROWS) if lengths is None else lengths
+    spans = [slice(e - n + 1, e + 1) for e, n in zip(ends, lengths)]
+    images = np.stack([window_image(full_window(sequence.forward[s]), full_window(sequence.backward[s])) for s in spans])
+    summaries = np.stack([summarize(full_window(features[s])) for s in spans])
     return images.astype(np.float16), summaries, sequence.labels[ends].astype(np.int64)
 
 
-def _training_windows(task: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    seed, index, size, per_frame = task
+def _training_windows(task: tuple[int, int, int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows of one frame; with min_rows < WINDOW_ROWS, half of them as short as the first
+    min_rows..WINDOW_ROWS rows a scan gives the monitor (the other half full)."""
+    seed, index, size, per_frame, min_rows = task
     sequence = simulate_sequence(seed, index, size)
     rng = np.random.default_rng([seed, index, 11])
     n = len(sequence.labels)
-    ends = rng.integers(WINDOW_ROWS - 1, n, per_frame)
+    ends = rng.integers(min_rows - 1, n, per_frame)
     if sequence.change_at is not None:
         near = sequence.change_at + rng.integers(0, 6, per_frame // 2)
-        ends = np.concatenate([ends, near[(near >= WINDOW_ROWS - 1) & (near < n)]])
-    return windows(sequence, ends)
+        ends = np.concatenate([ends, near[(near >= min_rows - 1) & (near < n)]])
+    short = rng.integers(min_rows, WINDOW_ROWS + 1, len(ends))
+    lengths = np.where(rng.random(len(ends)) < 0.5, short, WINDOW_ROWS)
+    return windows(sequence, ends, np.minimum(lengths, ends + 1))
 
 
 def training_windows(seed: int, frames: int, size: int = 256, per_frame: int = 16, workers: int = 2,
-                     progress: Callable[[int], None] = lambda n: None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     progress: Callable[[int], None] = lambda n: None, min_rows: int = WINDOW_ROWS
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Windows from `frames` simulated frames, spread over worker processes."""
-    tasks = [(seed, i, size, per_frame) for i in range(frames)]
+    tasks = [(seed, i, size, per_frame, min_rows) for i in range(frames)]
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         for part in pool.imap(_training_windows, tasks, chunksize=4):

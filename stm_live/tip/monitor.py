@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stm_live.protocol import TipAlert, TipReport
-from stm_live.tip.classifier import WINDOW_ROWS, TipClassifier, summarize, window_image
+from stm_live.tip.classifier import WINDOW_ROWS, TipClassifier, full_window, summarize, window_image
 from stm_live.tip.features import FEATURE_NAMES, row_features
 
 log = logging.getLogger(__name__)
@@ -158,14 +158,15 @@ class TipMonitor:
         scan.features.append(features)
         scan.rows += 1
         self.counters["tip_rows"] += 1
-        if len(scan.features) < WINDOW_ROWS or (scan.rows - WINDOW_ROWS) % self.hop:
+        if len(scan.features) < self.classifier.min_rows or (scan.rows - self.classifier.min_rows) % self.hop:
             return None, None
         return self._classify(uid, row, scan, features)
 
     def _classify(self, uid: str, row: int, scan: _ScanRows, features: np.ndarray
                   ) -> tuple[TipReport, TipAlert | None]:
-        p = self.classifier.probabilities(window_image(np.stack(scan.forward), np.stack(scan.backward)),
-                                          summarize(np.stack(scan.features)))
+        forward, backward, window_features = (full_window(np.stack(rows))
+                                              for rows in (scan.forward, scan.backward, scan.features))
+        p = self.classifier.probabilities(window_image(forward, backward), summarize(window_features))
         self.counters["tip_windows"] += 1
         previous = self.machine.state
         changed = self.machine.update(p)
