@@ -2,9 +2,10 @@
 
 Windows come from frames of every surface and tip scenario (good, blunt, multi-apex, unstable,
 tip change mid-frame), at strides 1, 2 and 4 (full and `lines:K` scans), with extra windows
-just after each tip change so the network learns to call a change from its first rows, and
-half of them short (`min_rows` to WINDOW_ROWS rows, mirrored to full size) as the first rows of
-a scan are, so that the monitor can read a scan from its `min_rows`-th row on. The
+just after each tip change so the network learns to call a change from its first rows, and,
+with `min_rows` below WINDOW_ROWS, half of them short (`min_rows` to WINDOW_ROWS rows, mirrored
+to full size) as the first rows of a scan are, so that the monitor reads a scan from its
+`min_rows`-th row on (tried with 8: docs/tip-monitor.md). The
 loss is class-weighted cross-entropy (changes are rare lines); the checkpoint kept is the one
 with the lowest loss on a validation set of other frames. Deterministic for a given seed.
 `real_good` adds every window of recorded scans whose tip is known to be good (the shipped
@@ -52,7 +53,7 @@ class TipTrainConfig:
     real_dir: str = "../shared/data/real"
     real_good: tuple[str, ...] = ()
     real_copies: int = 6
-    min_rows: int = 8
+    min_rows: int = WINDOW_ROWS
 
 
 def _windows(cfg: TipTrainConfig, progress: Callable[[int], None]) -> dict[str, np.ndarray]:
