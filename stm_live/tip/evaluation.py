@@ -26,9 +26,8 @@ from scipy.stats import rankdata
 from stm_live.drivers.scanfiles import ScanFileError, read_scan_file
 from stm_live.protocol import TIP_STATES
 from stm_live.sim.scan import acquisition_rows
-from stm_live.tip.classifier import TipClassifier
+from stm_live.tip.classifier import WINDOW_ROWS, TipClassifier
 from stm_live.tip.episodes import RowSequence, evaluation_sequences
-from stm_live.tip.classifier import WINDOW_ROWS
 from stm_live.tip.monitor import GOOD, TipMonitor
 
 EVALUATION_SEED = 1_000_003
