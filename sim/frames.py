@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -87,10 +88,16 @@ def simulate_frame(spec: FrameSpec, rng: np.random.Generator) -> SimFrame:
     return simulate_sequence(spec, rng, 1)[0]
 
 
-def simulate_sequence(spec: FrameSpec, rng: np.random.Generator, frames: int) -> list[SimFrame]:
+def simulate_sequence(spec: FrameSpec, rng: np.random.Generator, frames: int,
+                      scenarios: Sequence[TipScenario] | None = None) -> list[SimFrame]:
     """`frames` successive scans of one area, each starting one frame period after the last:
-    drift carries on from frame to frame and creep decays, as when a user rescans a region."""
-    canvas = Canvas(spec.size_px, spec.frame_nm, margin_px(spec, frames))
+    drift carries on from frame to frame and creep decays, as when a user rescans a region.
+    Each scan has the spec's tip history unless `scenarios` gives one per scan."""
+    scenarios = list(scenarios) if scenarios is not None else [spec.scenario] * frames
+    if len(scenarios) != frames:
+        raise ValueError(f"{len(scenarios)} tip scenarios for {frames} frames")
+    margin = max(margin_px(replace(spec, scenario=scenario), frames) for scenario in scenarios)
+    canvas = Canvas(spec.size_px, spec.frame_nm, margin)
     topo = SURFACES[spec.surface](canvas, rng, spec.bias_v, steps=spec.steps)
     canvas.add_smooth_random(rng, rms_nm=float(rng.uniform(0.0, 0.008)), correlation_nm=float(rng.uniform(2.0, 10.0)))
     clean = canvas.crop(tips.image(topo, tips.Tip("good", REFERENCE_RESOLUTION_NM))).astype(np.float32)
@@ -98,6 +105,7 @@ def simulate_sequence(spec: FrameSpec, rng: np.random.Generator, frames: int) ->
     sequence = []
     for k in range(frames):
         scan = replace(spec.scan, start_s=spec.scan.start_s + k * period)
-        sequence.append(SimFrame(replace(spec, scan=scan), measure(topo, spec.scenario, scan, rng), clean, topo))
+        sequence.append(SimFrame(replace(spec, scan=scan, scenario=scenarios[k]), measure(topo, scenarios[k], scan, rng),
+                                 clean, topo))
     return sequence
 

@@ -7,9 +7,9 @@ from scipy import ndimage
 
 from stm_live.config import ConditioningSettings
 from stm_live.protocol import TIP_STATES
-from stm_live.tip.classifier import WINDOW_ROWS, TipClassifier, full_window
+from stm_live.tip.classifier import WINDOW_ROWS, TipClassifier
 from stm_live.tip.conditioning import ConditioningPolicy
-from stm_live.tip.episodes import simulate_sequence, windows
+from stm_live.tip.episodes import rescan_windows, simulate_scans, simulate_sequence
 from stm_live.tip.evaluation import auroc, evaluate_tip, monitor_scan_file, stream
 from stm_live.tip.features import FEATURE_NAMES, row_features
 from stm_live.tip.monitor import TipMonitor, TipStateMachine
@@ -107,7 +107,7 @@ def test_monitor_classifies_every_hop_rows_once_it_has_enough_rows(classifier):
     sequence = simulate_sequence(4242, 0, 128, scenario="good", stride=1)
     monitor = TipMonitor(classifier, hop=4)
     readings, _ = stream(monitor, sequence, "scan")
-    first = classifier.min_rows
+    first = WINDOW_ROWS
     assert [i for i, _, _ in readings][:3] == [first - 1, first + 3, first + 7]
     assert monitor.counters["tip_rows"] == 128
     for _, window, belief in readings:
@@ -130,7 +130,7 @@ def test_a_gap_in_the_lines_restarts_the_window(classifier):
     sequence = simulate_sequence(4242, 1, 128, scenario="good", stride=1)
     monitor = TipMonitor(classifier, hop=1)
     monitor.start_scan("s", sequence.pixel_nm, ("forward", "backward"))
-    first = classifier.min_rows
+    first = WINDOW_ROWS
     for i in range(first + 4):
         monitor.add_line("s", i, "forward", sequence.forward[i])
         monitor.add_line("s", i, "backward", sequence.backward[i])
@@ -142,27 +142,36 @@ def test_a_gap_in_the_lines_restarts_the_window(classifier):
     assert monitor.counters["tip_windows"] == 5 and len(monitor.scans["s"].features) == first - 1
 
 
-def test_short_windows_are_the_rows_mirrored_back_in_time():
-    rows = np.arange(5.0)[:, None] * np.ones((1, 3))
-    window = full_window(rows)
-    assert window.shape == (WINDOW_ROWS, 3)
-    assert window[-5:, 0].tolist() == [0, 1, 2, 3, 4]  # the newest rows as they came
-    assert window[-9:-5, 0].tolist() == [4, 3, 2, 1]  # then mirrored about the oldest
-    full = np.arange(WINDOW_ROWS * 2.0).reshape(WINDOW_ROWS, 2)
-    assert full_window(full) is full
-
-
-def test_the_monitor_reads_short_windows_as_they_were_trained(classifier, monkeypatch):
-    """What the monitor gives the classifier from a scan's first rows is what training gave it."""
-    sequence = simulate_sequence(4242, 2, 128, scenario="multi", stride=2)
-    monkeypatch.setattr(classifier, "min_rows", 8)
-    readings, _ = stream(TipMonitor(classifier, hop=2), sequence, "scan")
+def test_a_rescan_is_read_from_its_first_row_as_trained(classifier):
+    """The window carries on from the scan before: what the monitor gives the classifier at the
+    start of a rescan is what training gave it (rescan_windows)."""
+    before, rescan = simulate_scans(4242, 2, 128, scenario="multi", stride=2, before=1)
+    monitor = TipMonitor(classifier, hop=2)
+    stream(monitor, before, "before")
+    readings, _ = stream(monitor, rescan, "rescan")
     ends = np.array([i for i, _, _ in readings[:4]])
-    assert ends.tolist() == [7, 9, 11, 13]
-    images, summaries, _ = windows(sequence, ends, ends + 1)
+    assert ends.tolist() == [1, 3, 5, 7]
+    images, summaries, _ = rescan_windows(rescan, before, ends)
     for (_, monitored, _), image, summary in zip(readings, images, summaries):
         trained = classifier.probabilities(image.astype(np.float32), summary)
         assert np.allclose(monitored, trained, atol=2e-3)
+
+
+def test_only_a_scan_that_continues_the_last_reads_on_from_it(classifier):
+    sequence = simulate_sequence(4242, 3, 128, scenario="good", stride=1)
+    both = ("forward", "backward")
+    monitor = TipMonitor(classifier)
+    for uid, pixel_nm, directions, carried in (("same", sequence.pixel_nm, both, WINDOW_ROWS),
+                                               ("zoomed", sequence.pixel_nm / 2, both, 0),
+                                               ("forward only", sequence.pixel_nm, ("forward",), 0)):
+        stream(monitor, sequence, f"before {uid}")
+        monitor.start_scan(uid, pixel_nm, directions)
+        assert len(monitor.scans[uid].features) == carried, uid
+        monitor.end_scan(uid)
+    stream(monitor, sequence, "before the action")
+    monitor.reset()  # a conditioning action: the rows of the old apex say nothing about the new one
+    monitor.start_scan("after the action", sequence.pixel_nm, both)
+    assert len(monitor.scans["after the action"].features) == 0
 
 
 def test_monitor_alerts_soon_after_a_tip_change(classifier):
@@ -174,6 +183,21 @@ def test_monitor_alerts_soon_after_a_tip_change(classifier):
         after = [i - sequence.change_at for i, state in alerts if i >= sequence.change_at and state != "good"]
         delays.append(after[0] if after else 999)
     assert np.median(delays) <= 6, delays
+
+
+def test_a_tip_change_in_a_sparse_rescan_is_called_at_once(classifier):
+    """lines:4: the rescan's window holds the scan before, so a change in its first rows is read."""
+    delays = []
+    for index in range(8):
+        before, sequence = simulate_scans(777, index, 256, scenario="change", stride=4, before=1)
+        if sequence.labels[-1] == 0:  # a good tip that stays good: nothing to alert on
+            continue
+        monitor = TipMonitor(classifier)
+        stream(monitor, before, "before")
+        _, alerts = stream(monitor, sequence, "rescan")
+        after = [i - sequence.change_at for i, state in alerts if i >= sequence.change_at and state != "good"]
+        delays.append(after[0] if after else 999)
+    assert len(delays) >= 3 and np.median(delays) <= 2, delays
 
 
 def test_auroc_matches_its_definition():

@@ -33,16 +33,6 @@ def window_image(forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
     return np.clip(stacked / scale, -CLIP, CLIP).astype(np.float32)
 
 
-def full_window(rows: np.ndarray) -> np.ndarray:
-    """WINDOW_ROWS rows from fewer (the first rows of a scan): the rows mirrored back in time
-    about the oldest, so that the window reads as one continuous stretch of surface. Applied
-    alike to traces and to per-row features, in training and in the monitor."""
-    missing = WINDOW_ROWS - len(rows)
-    if missing <= 0:
-        return rows
-    return np.pad(rows, ((missing, 0),) + ((0, 0),) * (rows.ndim - 1), mode="reflect")
-
-
 def summarize(features: np.ndarray) -> np.ndarray:
     """(rows, N_FEATURES) per-row features -> newest row, mean and maximum over the window."""
     return np.concatenate([features[-1], features.mean(axis=0), features.max(axis=0)]).astype(np.float32)
@@ -78,7 +68,6 @@ class TipClassifier:
         self.net.load_state_dict(load_file(str(path)))
         self.net.eval()
         self.classes = tuple(self.descriptor["classes"])
-        self.min_rows = int(self.descriptor.get("min_rows", WINDOW_ROWS))  # fewest rows it was trained to read
 
     def probabilities(self, image: np.ndarray, summary: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -5,9 +5,13 @@ runs it (same features, classifier, hop and state machine), on seeds the classif
 - window scores: AUROC of P(degraded) for good vs degraded rows, and one-vs-rest AUROC per
   state, each window labelled by the tip state of its newest row; for the monitor's belief
   (filtered over windows, what it publishes) and for single windows alone;
-- tip changes: a good tip turns blunt or multi mid-frame; the delay is the number of rows from
-  the change to the alert (alerts before the change count as false alerts; no alert as missed);
-- clean frames: good tips frame after frame through one monitor; false alerts per 100 frames;
+- tip changes: a good tip turns blunt or multi mid-frame, in a rescan of an area it has just
+  scanned (the monitor reads on from the last scan's rows); the delay is the number of rows from
+  the change to the alert (alerts before the change count as false alerts; no alert in the
+  frame as missed, and for those, whether the next scan of the area, the new tip throughout,
+  raises it);
+- clean frames: good tips through one monitor, each area scanned twice in a row (a rescan reads
+  on from the scan before); false alerts per 100 frames;
 - visibility: the same AUROCs with degraded windows kept only where the degradation changed the
   image enough to be seen at all (episodes.degradation_visibility): in the window itself for
   single windows, in any row since the tip degraded for the monitor's belief, which remembers.
@@ -117,35 +121,47 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
     surfaces: list[str] = []
     visible: list[tuple[float, float]] = []
     delays: list[int] = []
+    next_scan_delays: list[int] = []
     missed = early = 0
     started = time.perf_counter()
 
     for scenario in ("blunt", "multi", "unstable", "change"):
-        for k, sequence in enumerate(evaluation_sequences(EVALUATION_SEED, episodes, scenario, stride=stride,
-                                                                    visibility=True)):
+        around = 1 if scenario == "change" else 0
+        for k, scans in enumerate(evaluation_sequences(EVALUATION_SEED, episodes, scenario, stride=stride,
+                                                       visibility=True, before=around, after=around)):
             monitor = TipMonitor(classifier, hop=hop)
+            if around:
+                stream(monitor, scans[0], f"{scenario}-{k}-before")
+            sequence = scans[around]
             readings, alerts = stream(monitor, sequence, f"{scenario}-{k}")
             _collect(readings, sequence, scores, beliefs, labels, surfaces, visible)
             progress(1)
             if scenario != "change" or sequence.change_at is None:
                 continue
-            after = TIP_STATES[int(sequence.labels[-1])]
-            if after == GOOD:
+            if TIP_STATES[int(sequence.labels[-1])] == GOOD:
                 continue
             early += sum(1 for i, _ in alerts if i < sequence.change_at)
             late = [i for i, state in alerts if i >= sequence.change_at and state != GOOD]
             if late:
                 delays.append(late[0] - sequence.change_at)
-            else:
-                missed += 1
+                continue
+            missed += 1
+            if monitor.state != GOOD:  # raised in this frame and withdrawn again: not a late catch
+                continue
+            _, next_alerts = stream(monitor, scans[-1], f"{scenario}-{k}-after")
+            caught = [i for i, state in next_alerts if state != GOOD]
+            if caught:
+                next_scan_delays.append(len(sequence.labels) - sequence.change_at + caught[0])
 
     clean_monitor = TipMonitor(classifier, hop=hop)
-    false_alerts = 0
-    for k, sequence in enumerate(evaluation_sequences(EVALUATION_SEED + 1, episodes, "good", stride=stride,
-                                                                    visibility=True)):
-        readings, alerts = stream(clean_monitor, sequence, f"good-{k}")
-        false_alerts += sum(1 for _, state in alerts if state != GOOD)
-        _collect(readings, sequence, scores, beliefs, labels, surfaces, visible)
+    false_alerts = clean_frames = 0
+    for k, scans in enumerate(evaluation_sequences(EVALUATION_SEED + 1, episodes, "good", stride=stride,
+                                                   visibility=True, before=1)):
+        for j, sequence in enumerate(scans):
+            readings, alerts = stream(clean_monitor, sequence, f"good-{k}-{j}")
+            false_alerts += sum(1 for _, state in alerts if state != GOOD)
+            _collect(readings, sequence, scores, beliefs, labels, surfaces, visible)
+            clean_frames += 1
         progress(1)
 
     y = np.array(labels)
@@ -161,9 +177,11 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
                        "single_window": _by_visibility(np.array(scores), y, in_window)},
         "tip_changes": {"detected": len(delays), "missed": missed, "alerts_before_change": early,
                         "median_delay_rows": float(np.median(delays)) if delays else None,
-                        "p90_delay_rows": float(np.percentile(delays, 90)) if delays else None},
-        "clean_frames": episodes, "false_alerts": false_alerts,
-        "false_alerts_per_100_clean_frames": round(100 * false_alerts / episodes, 2),
+                        "p90_delay_rows": float(np.percentile(delays, 90)) if delays else None,
+                        "missed_then_caught_in_next_scan": len(next_scan_delays),
+                        "next_scan_median_delay_rows": float(np.median(next_scan_delays)) if next_scan_delays else None},
+        "clean_frames": clean_frames, "false_alerts": false_alerts,
+        "false_alerts_per_100_clean_frames": round(100 * false_alerts / clean_frames, 2),
         "seconds": round(time.perf_counter() - started, 1),
     }
 

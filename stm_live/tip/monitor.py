@@ -5,8 +5,11 @@ physical features are computed against the row scanned before it; every `hop` ro
 WINDOW_ROWS rows are classified. The published state changes only through a state machine with
 hysteresis on the filtered evidence: P(degraded) must stay above `enter` for `confirm` windows
 in a row to leave `good`, and below `leave` for `clear` windows to return, so one noisy line
-raises nothing; a tip change is announced from one window. The tip is a property of the instrument, not of a scan: the state carries across scans,
-while each scan's rows start a fresh window.
+raises nothing; a tip change is announced from one window. The tip is a property of the
+instrument, not of a scan: the state carries across scans, and so does the window when the next
+scan continues the last one (same pixel size, line length and directions, no conditioning in
+between), so that a rescan is read from its first row, not only after WINDOW_ROWS of its rows;
+on `lines:K` plans that is most of a frame.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stm_live.protocol import TipAlert, TipReport
-from stm_live.tip.classifier import WINDOW_ROWS, TipClassifier, full_window, summarize, window_image
+from stm_live.tip.classifier import WINDOW_ROWS, TipClassifier, summarize, window_image
 from stm_live.tip.features import FEATURE_NAMES, row_features
 
 log = logging.getLogger(__name__)
@@ -96,7 +99,26 @@ class _ScanRows:
     forward: deque = field(default_factory=lambda: deque(maxlen=WINDOW_ROWS))
     backward: deque = field(default_factory=lambda: deque(maxlen=WINDOW_ROWS))
     features: deque = field(default_factory=lambda: deque(maxlen=WINDOW_ROWS))
-    rows: int = 0
+    previous: np.ndarray | None = None  # forward trace of the row scanned just before, in this scan
+    rows: int = 0  # rows of this scan read
+    filled: int = 0  # rows in the window since it last started afresh (may exceed WINDOW_ROWS)
+
+    def continued(self, pixel_nm: float, directions: tuple[str, ...]) -> _ScanRows:
+        """A new scan whose window starts with this scan's rows, when it continues this one."""
+        rows = _ScanRows(pixel_nm, directions)
+        if directions == self.directions and np.isclose(pixel_nm, self.pixel_nm, rtol=1e-6, atol=0.0):
+            for mine, theirs in ((self.forward, rows.forward), (self.backward, rows.backward),
+                                 (self.features, rows.features)):
+                theirs.extend(mine)
+            rows.filled = self.filled
+        return rows
+
+    def clear(self) -> None:
+        for rows in (self.forward, self.backward, self.features):
+            rows.clear()
+        self.pending.clear()
+        self.previous = None
+        self.filled = 0
 
 
 class TipMonitor:
@@ -108,6 +130,7 @@ class TipMonitor:
         self.hop = hop
         self.machine = TipStateMachine(classifier.classes, enter, leave, confirm, clear, smoothing)
         self.scans: dict[str, _ScanRows] = {}
+        self._last: _ScanRows | None = None  # the last scan ended, whose rows a continuing scan reads on from
         self.counters = {"tip_rows": 0, "tip_windows": 0, "tip_alerts": 0, "tip_rows_skipped": 0}
 
     @property
@@ -115,18 +138,24 @@ class TipMonitor:
         return self.machine.state
 
     def start_scan(self, uid: str, pixel_nm: float, directions: tuple[str, ...]) -> None:
-        self.scans[uid] = _ScanRows(pixel_nm, directions)
+        last = self._last
+        self.scans[uid] = last.continued(pixel_nm, directions) if last else _ScanRows(pixel_nm, directions)
 
     def end_scan(self, uid: str) -> None:
-        self.scans.pop(uid, None)
+        self._last = self.scans.pop(uid, None)
+
+    def reset(self) -> None:
+        """The tip was conditioned: forget the evidence and the rows imaged by the old apex."""
+        self.machine.reset()
+        self._last = None
+        for scan in self.scans.values():
+            scan.clear()
 
     def restart_window(self, uid: str) -> None:
         """Lines were skipped: rows on either side of the gap are not neighbours, start afresh."""
         scan = self.scans.get(uid)
         if scan is not None:
-            for rows in (scan.forward, scan.backward, scan.features):
-                rows.clear()
-            scan.pending.clear()
+            scan.clear()
 
     def add_line(self, uid: str, row: int, direction: str, heights_nm: np.ndarray, pixel_nm: float | None = None
                  ) -> tuple[TipReport | None, TipAlert | None]:
@@ -149,23 +178,23 @@ class TipMonitor:
         forward = traces.get("forward", traces.get("backward"))
         backward = traces.get("backward", forward)
         if scan.forward and scan.forward[-1].size != forward.size:
-            for window in (scan.forward, scan.backward, scan.features):
-                window.clear()
-        previous = scan.forward[-1] if scan.forward else None
-        features = row_features(forward, backward if len(traces) > 1 else None, previous, pixel_nm or scan.pixel_nm)
+            scan.clear()
+        features = row_features(forward, backward if len(traces) > 1 else None, scan.previous,
+                                pixel_nm or scan.pixel_nm)
         scan.forward.append(forward)
         scan.backward.append(backward)
         scan.features.append(features)
+        scan.previous = forward
         scan.rows += 1
+        scan.filled += 1
         self.counters["tip_rows"] += 1
-        if len(scan.features) < self.classifier.min_rows or (scan.rows - self.classifier.min_rows) % self.hop:
+        if scan.filled < WINDOW_ROWS or (scan.filled - WINDOW_ROWS) % self.hop:
             return None, None
         return self._classify(uid, row, scan, features)
 
     def _classify(self, uid: str, row: int, scan: _ScanRows, features: np.ndarray
                   ) -> tuple[TipReport, TipAlert | None]:
-        forward, backward, window_features = (full_window(np.stack(rows))
-                                              for rows in (scan.forward, scan.backward, scan.features))
+        forward, backward, window_features = (np.stack(rows) for rows in (scan.forward, scan.backward, scan.features))
         p = self.classifier.probabilities(window_image(forward, backward), summarize(window_features))
         self.counters["tip_windows"] += 1
         previous = self.machine.state

@@ -198,4 +198,4 @@ class TipService:
         self.sink(ActionReport(request, ORIGIN, reply["outcome"], reply["detail"], time.time()))
         if reply["outcome"] == "executed":
             self.policy.executed(instrument)
-            monitor.machine.reset()
+            monitor.reset()

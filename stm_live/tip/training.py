@@ -2,10 +2,9 @@
 
 Windows come from frames of every surface and tip scenario (good, blunt, multi-apex, unstable,
 tip change mid-frame), at strides 1, 2 and 4 (full and `lines:K` scans), with extra windows
-just after each tip change so the network learns to call a change from its first rows, and,
-with `min_rows` below WINDOW_ROWS, half of them short (`min_rows` to WINDOW_ROWS rows, mirrored
-to full size) as the first rows of a scan are, so that the monitor reads a scan from its
-`min_rows`-th row on (tried with 8: docs/tip-monitor.md). The
+just after each tip change so the network learns to call a change from its first rows. Windows
+near the start of a scan hold the last rows of the scan before it, as the monitor's do on a
+rescan (episodes.rescan_windows). The
 loss is class-weighted cross-entropy (changes are rare lines); the checkpoint kept is the one
 with the lowest loss on a validation set of other frames. Deterministic for a given seed.
 `real_good` adds every window of recorded scans whose tip is known to be good (the shipped
@@ -29,8 +28,7 @@ from torch import nn
 from stm_live.protocol import TIP_STATES
 from stm_live.tip import classifier, features
 from stm_live.tip.classifier import TipNet, save_classifier
-from stm_live.tip.classifier import WINDOW_ROWS
-from stm_live.tip.episodes import scan_file_sequences, training_windows, windows
+from stm_live.tip.episodes import rescan_windows, scan_file_sequences, training_windows
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +51,19 @@ class TipTrainConfig:
     real_dir: str = "../shared/data/real"
     real_good: tuple[str, ...] = ()
     real_copies: int = 6
-    min_rows: int = WINDOW_ROWS
 
 
 def _windows(cfg: TipTrainConfig, progress: Callable[[int], None]) -> dict[str, np.ndarray]:
     cache = Path(cfg.cache)
     code = hashlib.sha1(Path(features.__file__).read_bytes() + Path(classifier.__file__).read_bytes()).hexdigest()[:12]
-    key = f"{cfg.seed}-{cfg.frames}-{cfg.validation_frames}-{cfg.windows_per_frame}-{cfg.size}-{cfg.min_rows}-{code}"
+    key = f"{cfg.seed}-{cfg.frames}-{cfg.validation_frames}-{cfg.windows_per_frame}-{cfg.size}-{code}"
     if cache.exists():
         data = dict(np.load(cache))
         if str(data.pop("key")) == key:
             return data
-    train = training_windows(cfg.seed, cfg.frames, cfg.size, cfg.windows_per_frame, cfg.workers, progress,
-                             cfg.min_rows)
+    train = training_windows(cfg.seed, cfg.frames, cfg.size, cfg.windows_per_frame, cfg.workers, progress)
     valid = training_windows(cfg.seed + 1, cfg.validation_frames, cfg.size, cfg.windows_per_frame, cfg.workers,
-                             progress, cfg.min_rows)
+                             progress)
     data = {"x": train[0], "f": train[1], "y": train[2], "vx": valid[0], "vf": valid[1], "vy": valid[2]}
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, key=key, **data)
@@ -77,7 +73,7 @@ def _windows(cfg: TipTrainConfig, progress: Callable[[int], None]) -> dict[str, 
 def _with_real(cfg: TipTrainConfig, x: np.ndarray, f: np.ndarray, y: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Add every window the monitor reads of the recorded good-tip scans found in `real_dir` (the
-    short ones at the start included), `real_copies` times."""
+    first ones read on from the scan's own last rows, as from a rescan), `real_copies` times."""
     parts = [(x, f, y)]
     for name in cfg.real_good:
         path = Path(cfg.real_dir) / name
@@ -85,8 +81,8 @@ def _with_real(cfg: TipTrainConfig, x: np.ndarray, f: np.ndarray, y: np.ndarray
             log.warning("recorded scan %s not found; training without it", path)
             continue
         for sequence in scan_file_sequences(path):
-            ends = np.arange(cfg.min_rows - 1, len(sequence.labels))
-            parts.extend([windows(sequence, ends, np.minimum(ends + 1, WINDOW_ROWS))] * cfg.real_copies)
+            ends = np.arange(len(sequence.labels))
+            parts.extend([rescan_windows(sequence, sequence, ends)] * cfg.real_copies)
     return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
 
 
@@ -141,8 +137,7 @@ def train_tip(cfg: TipTrainConfig, progress: Callable[[int], None] = lambda n: N
         log.info("epoch %d: validation loss %.4f, accuracy %.3f", epoch + 1, val_loss, val_accuracy)
         if val_loss < best[0]:
             best = (val_loss, val_accuracy, epoch + 1)
-            save_classifier(net, Path(cfg.weights), {"width": cfg.width, "min_rows": cfg.min_rows,
-                                                     "training": asdict(cfg),
+            save_classifier(net, Path(cfg.weights), {"width": cfg.width, "training": asdict(cfg),
                                                      "epoch": epoch + 1, "validation_loss": round(val_loss, 4),
                                                      "validation_accuracy": round(val_accuracy, 4)})
     return {"windows": int(len(y)), "class_counts": dict(zip(TIP_STATES, counts.astype(int).tolist())),
