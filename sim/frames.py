@@ -105,7 +105,7 @@ def simulate_sequence(spec: FrameSpec, rng: np.random.Generator, frames: int,
     sequence = []
     for k in range(frames):
         scan = replace(spec.scan, start_s=spec.scan.start_s + k * period)
-        sequence.append(SimFrame(replace(spec, scan=scan, scenario=scenarios[k]), measure(topo, scenarios[k], scan, rng),
-                                 clean, topo))
+        measurement = measure(topo, scenarios[k], scan, rng)
+        sequence.append(SimFrame(replace(spec, scan=scan, scenario=scenarios[k]), measurement, clean, topo))
     return sequence
 

@@ -213,6 +213,8 @@ def test_eval_tip_reports_every_figure(classifier):
     assert result["windows"] == sum(result["window_counts"].values()) > 0
     assert 0.0 <= result["monitor"]["auroc_good_vs_degraded"] <= 1.0
     assert result["false_alerts_per_100_clean_frames"] >= 0
+    assert len(result["false_alert_list"]) == result["false_alerts"]
+    assert result["clean_frames"] == 2  # one area, scanned twice
     surfaces = result["monitor_per_surface"]
     assert sum(s["windows"] for s in surfaces.values()) == result["windows"]
     for kind in ("monitor", "single_window"):

@@ -4,7 +4,7 @@ A sequence is what the monitor sees of one frame: the rows in acquisition order 
 `stride`-th one for a `lines:K` plan), forward and backward heights in nm, with the tip-state
 label of each row. Frames are drawn from (seed, index), so a set is reproducible. Recorded scans
 with a known good tip give `good` sequences the same way. Since the monitor's window carries on
-from one scan into the next, a sequence can be read on from the scan before it (`after`).
+from one scan into the next, a sequence can be read on from the scan before it (`continuing`).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class RowSequence:
             out[i] = row_features(self.forward[i], self.backward[i], previous, self.pixel_nm)
         return out
 
-    def after(self, previous: RowSequence) -> RowSequence:
+    def continuing(self, previous: RowSequence) -> RowSequence:
         """This scan with the last WINDOW_ROWS rows of the scan before it in front, as the
         monitor's window holds them at the start of a rescan; indices shift by WINDOW_ROWS."""
         tail = slice(len(previous.labels) - WINDOW_ROWS, None)
@@ -162,7 +162,7 @@ def windows(sequence: RowSequence, ends: np.ndarray) -> tuple[np.ndarray, np.nda
 def rescan_windows(sequence: RowSequence, previous: RowSequence, ends: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Windows ending at rows `ends` of a scan whose first rows the monitor reads on from the scan before."""
-    return windows(sequence.after(previous), np.asarray(ends) + WINDOW_ROWS)
+    return windows(sequence.continuing(previous), np.asarray(ends) + WINDOW_ROWS)
 
 
 def _training_windows(task: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -154,12 +154,15 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
                 next_scan_delays.append(len(sequence.labels) - sequence.change_at + caught[0])
 
     clean_monitor = TipMonitor(classifier, hop=hop)
-    false_alerts = clean_frames = 0
+    false_alerts: list[dict] = []
+    clean_frames = 0
     for k, scans in enumerate(evaluation_sequences(EVALUATION_SEED + 1, episodes, "good", stride=stride,
                                                    visibility=True, before=1)):
         for j, sequence in enumerate(scans):
             readings, alerts = stream(clean_monitor, sequence, f"good-{k}-{j}")
-            false_alerts += sum(1 for _, state in alerts if state != GOOD)
+            false_alerts.extend({"area": k, "scan": j, "surface": sequence.surface, "row": i, "state": state,
+                                 "frame_nm": round(sequence.pixel_nm * sequence.forward.shape[1], 1)}
+                                for i, state in alerts if state != GOOD)
             _collect(readings, sequence, scores, beliefs, labels, surfaces, visible)
             clean_frames += 1
         progress(1)
@@ -180,8 +183,9 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
                         "p90_delay_rows": float(np.percentile(delays, 90)) if delays else None,
                         "missed_then_caught_in_next_scan": len(next_scan_delays),
                         "next_scan_median_delay_rows": float(np.median(next_scan_delays)) if next_scan_delays else None},
-        "clean_frames": clean_frames, "false_alerts": false_alerts,
-        "false_alerts_per_100_clean_frames": round(100 * false_alerts / clean_frames, 2),
+        "clean_frames": clean_frames, "false_alerts": len(false_alerts),
+        "false_alerts_per_100_clean_frames": round(100 * len(false_alerts) / clean_frames, 2),
+        "false_alert_list": false_alerts,
         "seconds": round(time.perf_counter() - started, 1),
     }
 

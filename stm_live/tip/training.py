@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from stm_live.protocol import TIP_STATES
-from stm_live.tip import classifier, features
+from stm_live.tip import classifier, episodes, features
 from stm_live.tip.classifier import TipNet, save_classifier
 from stm_live.tip.episodes import rescan_windows, scan_file_sequences, training_windows
 
@@ -55,7 +55,8 @@ class TipTrainConfig:
 
 def _windows(cfg: TipTrainConfig, progress: Callable[[int], None]) -> dict[str, np.ndarray]:
     cache = Path(cfg.cache)
-    code = hashlib.sha1(Path(features.__file__).read_bytes() + Path(classifier.__file__).read_bytes()).hexdigest()[:12]
+    sources = b"".join(Path(module.__file__).read_bytes() for module in (features, classifier, episodes))
+    code = hashlib.sha1(sources).hexdigest()[:12]
     key = f"{cfg.seed}-{cfg.frames}-{cfg.validation_frames}-{cfg.windows_per_frame}-{cfg.size}-{code}"
     if cache.exists():
         data = dict(np.load(cache))
