@@ -280,9 +280,11 @@ def _config_target(work: Path) -> Target:
 
 
 def fuzz(seconds: float = 60.0, seed: int = 0, out_dir: str | Path = "fuzz-crashes",
-         targets: tuple[str, ...] = TARGETS) -> dict[str, Any]:
+         targets: tuple[str, ...] = TARGETS, inputs: int | None = None) -> dict[str, Any]:
     """Mutated inputs for `seconds`, each target getting an equal share of the time (a slow
-    target, a scan file, does not starve a fast one, a message); crashes saved to `out_dir`."""
+    target, a scan file, does not starve a fast one, a message); crashes saved to `out_dir`.
+    With `inputs`, a target stops once it has had that many, and the run once all have (or
+    `seconds` are up): the same inputs on a fast or a busy machine."""
     rng = np.random.default_rng(seed)
     out = Path(out_dir)
     quiet = logging.getLogger("stm_live")
@@ -302,7 +304,10 @@ def fuzz(seconds: float = 60.0, seed: int = 0, out_dir: str | Path = "fuzz-crash
         slowest: dict[str, float] = {t.name: 0.0 for t in chosen}
         spent: dict[str, float] = {t.name: 0.0 for t in chosen}
         while time.monotonic() - started < seconds:
-            target = min(chosen, key=lambda t: spent[t.name])
+            waiting = [t for t in chosen if inputs is None or t.runs < inputs]
+            if not waiting:
+                break
+            target = min(waiting, key=lambda t: spent[t.name])
             t0 = time.perf_counter()
             item = target.seeds[int(rng.integers(len(target.seeds)))]
             for _ in range(int(rng.integers(1, 4))):
