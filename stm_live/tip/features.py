@@ -16,6 +16,8 @@ Values are compressed (logarithms, bounded ratios) so that a classifier sees com
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 from scipy import ndimage
 
@@ -25,16 +27,33 @@ N_FEATURES = len(FEATURE_NAMES)
 _EPS = 1e-6
 
 
+@lru_cache(maxsize=8)
+def _abscissa(n: int) -> np.ndarray:
+    x = np.linspace(-1.0, 1.0, n)
+    x.flags.writeable = False
+    return x
+
+
+def _median(values: np.ndarray) -> float:
+    """np.median of a 1-D array, without its NaN checks and dispatch (it runs five times a row)."""
+    n = values.size
+    k = n // 2
+    if n % 2:
+        return float(np.partition(values, k)[k])
+    low, high = np.partition(values, (k - 1, k))[k - 1:k + 1]
+    return float((low + high) / 2)
+
+
 def detrend(lines: np.ndarray) -> np.ndarray:
     """Each line (last axis) minus its least-squares straight line: slope and offset are not tip properties."""
-    x = np.linspace(-1.0, 1.0, lines.shape[-1])
+    x = _abscissa(lines.shape[-1])
     centred = lines - lines.mean(axis=-1, keepdims=True)
     return centred - x * ((centred @ x) / (x @ x))[..., None]
 
 
 def noise_scale(line: np.ndarray) -> float:
     """Robust point-to-point variation (nm): white noise alone gives its standard deviation."""
-    return float(np.median(np.abs(np.diff(line)))) / 0.9539 + _EPS
+    return _median(np.abs(np.diff(line))) / 0.9539 + _EPS
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -49,16 +68,17 @@ def _autocorrelation(line: np.ndarray) -> np.ndarray:
     return acf / (acf[0] + _EPS)
 
 
-def _period_px(line: np.ndarray) -> float | None:
-    """The line's lattice period in pixels when its spectrum has one clear peak, else None."""
-    power = np.abs(np.fft.rfft(line))[1:] ** 2
+def _period_px(spectrum: np.ndarray, size: int) -> float | None:
+    """The lattice period in pixels of a line of `size` pixels with this power spectrum (rfft,
+    squared) when it has one clear peak, else None."""
+    power = spectrum[1:]
     k = int(np.argmax(power))
-    if power[k] < 25 * np.median(power) + _EPS:
+    if power[k] < 25 * _median(power) + _EPS:
         return None
-    return line.size / (k + 1)
+    return size / (k + 1)
 
 
-def _width_and_ghost(line: np.ndarray, pixel_nm: float) -> tuple[float, float]:
+def _width_and_ghost(line: np.ndarray, spectrum: np.ndarray, pixel_nm: float) -> tuple[float, float]:
     """Half-width (nm) of the line's autocorrelation peak, and the strongest secondary peak of
     the gradient's autocorrelation that is not at a multiple of the line's lattice period."""
     acf = _autocorrelation(line)
@@ -67,7 +87,7 @@ def _width_and_ghost(line: np.ndarray, pixel_nm: float) -> tuple[float, float]:
     gradient_acf = _autocorrelation(np.diff(line))
     peaks = np.flatnonzero((gradient_acf[1:-1] > gradient_acf[:-2]) & (gradient_acf[1:-1] >= gradient_acf[2:])) + 1
     peaks = peaks[peaks > 2]
-    period = _period_px(line)
+    period = _period_px(spectrum, line.size)
     if period is not None:
         ratio = peaks / period
         peaks = peaks[(np.abs(ratio - np.round(ratio)) > 0.15) | (ratio < 0.5)]
@@ -88,13 +108,13 @@ def row_features(forward: np.ndarray, backward: np.ndarray | None, previous: np.
     if previous is not None:
         p = np.asarray(previous, np.float64)
         out[1] = _correlation(f, detrend(p))
-        out[2] = np.log1p(abs(np.median(forward) - np.median(p)) / (noise + spread))
+        out[2] = np.log1p(abs(_median(np.asarray(forward)) - _median(p)) / (noise + spread))
     out[3] = np.log10(noise)
     spectrum = np.abs(np.fft.rfft(f)) ** 2
     out[4] = spectrum[spectrum.size // 2:].sum() / (spectrum[1:].sum() + _EPS)
     residual = f - ndimage.median_filter(f, size=5, mode="nearest")
-    out[5] = np.log1p(np.abs(residual).max() / (1.4826 * np.median(np.abs(residual)) + 0.1 * noise + _EPS))
-    width_nm, ghost = _width_and_ghost(f, pixel_nm)
+    out[5] = np.log1p(np.abs(residual).max() / (1.4826 * _median(np.abs(residual)) + 0.1 * noise + _EPS))
+    width_nm, ghost = _width_and_ghost(f, spectrum, pixel_nm)
     out[6] = np.log10(width_nm + _EPS)
     out[7] = ghost
     out[8] = np.log10(spread)
