@@ -238,9 +238,10 @@ def bench_e2e(settings: Settings, engine: str = "model", frames: int = 2, size: 
     }
 
 
-def bench_tip(cols: int = 512, rows: int = 512, hop: int = 2, threads: int = 1) -> dict[str, Any]:
+def bench_tip(cols: int = 512, rows: int = 512, hop: int = 2, threads: int = 1, tip: str = "good") -> dict[str, Any]:
     """The tip monitor's cost per line: features on every row, the classifier every `hop` rows,
-    on simulated Si(111)-7x7 rows of `cols` pixels (forward and backward traces)."""
+    on simulated Si(111)-7x7 rows of `cols` pixels (forward and backward traces) imaged by a
+    `tip` (good, blunt, multi) tip."""
     import torch
 
     from stm_live.sim.frames import random_spec, simulate_frame
@@ -249,8 +250,9 @@ def bench_tip(cols: int = 512, rows: int = 512, hop: int = 2, threads: int = 1) 
 
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
-    z = simulate_frame(random_spec(rng, cols, surface="si111_7x7", scenario="good"), rng).measurement.z
-    monitor = TipMonitor(TipClassifier(), hop=hop)
+    z = simulate_frame(random_spec(rng, cols, surface="si111_7x7", scenario=tip), rng).measurement.z
+    classifier = TipClassifier()
+    monitor = TipMonitor(classifier, hop=hop)
     per_row = []
     for repeat in range(max(1, rows // cols)):
         uid = f"bench-{repeat}"
@@ -262,8 +264,8 @@ def bench_tip(cols: int = 512, rows: int = 512, hop: int = 2, threads: int = 1) 
             per_row.append(time.perf_counter() - started)
         monitor.end_scan(uid)
     per_line_ms = np.asarray(per_row) * 1e3 / 2
-    return {"benchmark": "tip", "cols": cols, "rows": len(per_row), "hop": hop, "torch_threads": threads,
-            "windows": monitor.counters["tip_windows"],
+    return {"benchmark": "tip", "cols": cols, "rows": len(per_row), "hop": hop, "torch_threads": threads, "tip": tip,
+            "windows": monitor.counters["tip_windows"], "windows_read_with_mirror_image": classifier.mirrored,
             "per_line_ms": {"mean": round(float(per_line_ms.mean()), 4),
                             "p50": round(float(np.percentile(per_line_ms, 50)), 4),
                             "p99": round(float(np.percentile(per_line_ms, 99)), 4)},

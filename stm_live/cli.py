@@ -355,7 +355,7 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
 def cmd_bench_tip(args: argparse.Namespace) -> int:
     from stm_live.bench import bench_tip
 
-    _print_json(bench_tip(args.cols, args.rows, args.hop, args.threads), args.json)
+    _print_json(bench_tip(args.cols, args.rows, args.hop, args.threads, args.tip), args.json)
     return 0
 
 
@@ -615,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rows", type=int, default=1024)
     b.add_argument("--hop", type=int, default=2)
     b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--tip", choices=("good", "blunt", "multi"), default="good",
+                   help="the simulated tip: windows a good tip leaves in no doubt take one classifier pass, "
+                        "others two (the window and its mirror image)")
     b.add_argument("--json", help="write the result here too")
     b.set_defaults(func=cmd_bench_tip)
 

@@ -3,11 +3,12 @@
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from stm_live.config import ConditioningSettings
 from stm_live.protocol import TIP_STATES
-from stm_live.tip.classifier import WINDOW_ROWS, TipClassifier
+from stm_live.tip.classifier import CLEARLY_GOOD, WINDOW_ROWS, TipClassifier, summarize, window_image
 from stm_live.tip.conditioning import ConditioningPolicy
 from stm_live.tip.episodes import rescan_windows, simulate_scans, simulate_sequence
 from stm_live.tip.evaluation import auroc, evaluate_tip, monitor_scan_file, stream
@@ -102,6 +103,33 @@ def test_a_tip_change_is_announced_from_one_window_and_restarts_the_belief():
 
 
 # -- the shipped classifier in the monitor -----------------------------------------------------
+
+def _first_window(sequence):
+    rows = slice(0, WINDOW_ROWS)
+    features = [row_features(f, b, None, sequence.pixel_nm) for f, b in zip(sequence.forward[rows], sequence.backward[rows])]
+    return window_image(sequence.forward[rows], sequence.backward[rows]), summarize(np.stack(features))
+
+
+def test_a_window_in_doubt_is_read_with_its_mirror_image(classifier):
+    image, summary = _first_window(simulate_sequence(4242, 1, 64, scenario="multi", stride=1))
+    p = classifier.probabilities(image, summary)
+    assert p[classifier.good] < CLEARLY_GOOD and p.sum() == pytest.approx(1.0, abs=1e-5)
+    assert classifier.probabilities(image[..., ::-1].copy(), summary) == pytest.approx(p, abs=1e-5)
+
+
+def test_a_clearly_good_window_is_read_once(classifier):
+    image, summary = _first_window(simulate_sequence(4242, 2, 64, scenario="good", stride=1))
+    before = classifier.mirrored
+    p = classifier.probabilities(image, summary)
+    assert p[classifier.good] >= CLEARLY_GOOD and classifier.mirrored == before
+
+
+def test_the_classifier_runs_the_trained_network(classifier):
+    image, summary = _first_window(simulate_sequence(4242, 1, 64, scenario="multi", stride=1))
+    with torch.inference_mode():
+        logits = classifier.net(torch.from_numpy(image[None]), torch.from_numpy(summary[None]))
+    assert classifier._softmax(image[None], summary[None]) == pytest.approx(torch.softmax(logits, 1)[0].numpy(), abs=1e-5)
+
 
 def test_monitor_classifies_every_hop_rows_once_it_has_enough_rows(classifier):
     sequence = simulate_sequence(4242, 0, 128, scenario="good", stride=1)

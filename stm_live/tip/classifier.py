@@ -10,10 +10,13 @@ scales the normalised image has lost (height steps, noise in nm, pixel size).
 
 from __future__ import annotations
 
+import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -23,6 +26,7 @@ from stm_live.tip.features import N_FEATURES, detrend
 
 WINDOW_ROWS = 32
 CLIP = 8.0
+CLEARLY_GOOD = 0.9  # one view this sure of a good tip is not checked against its mirror image
 DEFAULT_WEIGHTS = Path(__file__).with_name("weights") / "tip_classifier.safetensors"
 
 
@@ -60,19 +64,55 @@ class TipNet(nn.Module):
 
 
 class TipClassifier:
-    """Inference wrapper: numpy window in, class probabilities out."""
+    """Inference wrapper: numpy window in, class probabilities out.
 
-    def __init__(self, path: Path = DEFAULT_WEIGHTS) -> None:
+    The network runs on ONNX Runtime, exported from the weights when they are loaded, on one
+    thread: for this small network it is 2.5 times as fast as PyTorch on a CPU (1.6 against 4.0
+    ms a 512-pixel window, measured), and the monitor reads every line.
+    """
+
+    def __init__(self, path: Path = DEFAULT_WEIGHTS, threads: int = 1) -> None:
         self.descriptor = json.loads(path.with_suffix(".json").read_text())
         self.net = TipNet(self.descriptor["width"])
         self.net.load_state_dict(load_file(str(path)))
         self.net.eval()
         self.classes = tuple(self.descriptor["classes"])
+        self.good = self.classes.index("good")
+        self.mirrored = 0  # windows read twice
+        self.session = _session(self.net, threads)
 
     def probabilities(self, image: np.ndarray, summary: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            logits = self.net(torch.from_numpy(image[None]), torch.from_numpy(summary[None]))
-            return torch.softmax(logits, dim=1)[0].numpy()
+        """Class probabilities of one window. Unless the window is clearly good, the mean over it
+        and its left-right mirror image (a view training also shows the network), so that a call
+        one view's quirk would make alone is halved; a clearly good window, most windows of a
+        working tip, costs one pass."""
+        features = summary[None].astype(np.float32)
+        p = self._softmax(image[None], features)
+        if p[self.good] >= CLEARLY_GOOD:
+            return p
+        self.mirrored += 1
+        return (p + self._softmax(np.ascontiguousarray(image[None, ..., ::-1]), features)) / 2
+
+    def _softmax(self, window: np.ndarray, features: np.ndarray) -> np.ndarray:
+        logits = self.session.run(None, {"window": window.astype(np.float32, copy=False), "features": features})[0][0]
+        e = np.exp(logits - logits.max())
+        return e / e.sum()
+
+
+def _session(net: TipNet, threads: int) -> ort.InferenceSession:
+    """The network as an ONNX Runtime session, any batch and window size."""
+    window = torch.zeros(1, 2, WINDOW_ROWS, 64)
+    features = torch.zeros(1, 3 * N_FEATURES)
+    model = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(net, (window, features), model, input_names=["window", "features"], output_names=["logits"],
+                          dynamic_axes={"window": {0: "batch", 2: "rows", 3: "cols"}, "features": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
 def save_classifier(net: TipNet, path: Path, meta: dict) -> None:
