@@ -242,16 +242,13 @@ def bench_tip(cols: int = 512, rows: int = 512, hop: int = 2, threads: int = 1, 
     """The tip monitor's cost per line: features on every row, the classifier every `hop` rows,
     on simulated Si(111)-7x7 rows of `cols` pixels (forward and backward traces) imaged by a
     `tip` (good, blunt, multi) tip."""
-    import torch
-
     from stm_live.sim.frames import random_spec, simulate_frame
     from stm_live.tip.classifier import TipClassifier
     from stm_live.tip.monitor import TipMonitor
 
-    torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     z = simulate_frame(random_spec(rng, cols, surface="si111_7x7", scenario=tip), rng).measurement.z
-    classifier = TipClassifier()
+    classifier = TipClassifier(threads=threads)
     monitor = TipMonitor(classifier, hop=hop)
     per_row = []
     for repeat in range(max(1, rows // cols)):
@@ -264,7 +261,7 @@ def bench_tip(cols: int = 512, rows: int = 512, hop: int = 2, threads: int = 1, 
             per_row.append(time.perf_counter() - started)
         monitor.end_scan(uid)
     per_line_ms = np.asarray(per_row) * 1e3 / 2
-    return {"benchmark": "tip", "cols": cols, "rows": len(per_row), "hop": hop, "torch_threads": threads, "tip": tip,
+    return {"benchmark": "tip", "cols": cols, "rows": len(per_row), "hop": hop, "classifier_threads": threads, "tip": tip,
             "windows": monitor.counters["tip_windows"], "windows_read_with_mirror_image": classifier.mirrored,
             "per_line_ms": {"mean": round(float(per_line_ms.mean()), 4),
                             "p50": round(float(np.percentile(per_line_ms, 50)), 4),

@@ -614,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cols", type=int, default=512)
     b.add_argument("--rows", type=int, default=1024)
     b.add_argument("--hop", type=int, default=2)
-    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for the classifier")
     b.add_argument("--tip", choices=("good", "blunt", "multi"), default="good",
                    help="the simulated tip: windows a good tip leaves in no doubt take one classifier pass, "
                         "others two (the window and its mirror image)")
