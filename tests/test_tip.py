@@ -8,9 +8,9 @@ from scipy import ndimage
 
 from stm_live.config import ConditioningSettings
 from stm_live.protocol import TIP_STATES
-from stm_live.tip.classifier import CLEARLY_GOOD, WINDOW_ROWS, TipClassifier, summarize, window_image
+from stm_live.tip.classifier import CLEARLY_GOOD, WINDOW_ROWS, TipClassifier
 from stm_live.tip.conditioning import ConditioningPolicy
-from stm_live.tip.episodes import rescan_windows, simulate_scans, simulate_sequence
+from stm_live.tip.episodes import rescan_windows, simulate_scans, simulate_sequence, windows
 from stm_live.tip.evaluation import auroc, evaluate_tip, monitor_scan_file, stream
 from stm_live.tip.features import FEATURE_NAMES, row_features
 from stm_live.tip.monitor import TipMonitor, TipStateMachine
@@ -105,9 +105,8 @@ def test_a_tip_change_is_announced_from_one_window_and_restarts_the_belief():
 # -- the shipped classifier in the monitor -----------------------------------------------------
 
 def _first_window(sequence):
-    rows = slice(0, WINDOW_ROWS)
-    features = [row_features(f, b, None, sequence.pixel_nm) for f, b in zip(sequence.forward[rows], sequence.backward[rows])]
-    return window_image(sequence.forward[rows], sequence.backward[rows]), summarize(np.stack(features))
+    images, summaries, _ = windows(sequence, np.array([WINDOW_ROWS - 1]))
+    return images[0].astype(np.float32), summaries[0]
 
 
 def test_a_window_in_doubt_is_read_with_its_mirror_image(classifier):

@@ -67,8 +67,8 @@ class TipClassifier:
     """Inference wrapper: numpy window in, class probabilities out.
 
     The network runs on ONNX Runtime, exported from the weights when they are loaded, on one
-    thread: for this small network it is 2.5 times as fast as PyTorch on a CPU (1.6 against 4.0
-    ms a 512-pixel window, measured), and the monitor reads every line.
+    thread: for this small network it is two to three times as fast as PyTorch on a CPU
+    (docs/tip-monitor.md), and the monitor reads every line.
     """
 
     def __init__(self, path: Path = DEFAULT_WEIGHTS, threads: int = 1) -> None:
@@ -86,7 +86,7 @@ class TipClassifier:
         and its left-right mirror image (a view training also shows the network), so that a call
         one view's quirk would make alone is halved; a clearly good window, most windows of a
         working tip, costs one pass."""
-        features = summary[None].astype(np.float32)
+        features = summary[None].astype(np.float32, copy=False)
         p = self._softmax(image[None], features)
         if p[self.good] >= CLEARLY_GOOD:
             return p
