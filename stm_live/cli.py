@@ -225,7 +225,7 @@ def cmd_eval_tip(args: argparse.Namespace) -> int:
         _print_json({"scans": [{k: v for k, v in r.items() if k not in hidden} for r in results]}, args.json)
         return 0
     with tqdm(total=5 * args.episodes, unit="episode", desc="evaluating") as bar:
-        result = evaluate_tip(classifier, args.episodes, args.stride, args.hop, bar.update)
+        result = evaluate_tip(classifier, args.episodes, args.stride, args.hop, bar.update, args.size)
     _print_json(result, args.json)
     return 0
 
@@ -495,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=100, help="episodes per tip scenario")
     p.add_argument("--stride", type=int, default=1, help="monitor every stride-th row (a lines:K scan)")
     p.add_argument("--hop", type=int, default=2, help="classify every hop rows")
+    p.add_argument("--size", type=int, default=256, help="pixels per line and lines per simulated frame")
     p.add_argument("--real", nargs="+", help="instead: run the monitor over these recorded scans (.sxm, .sm4, ...)")
     p.add_argument("--plot", help="with --real: write a figure of the rows the monitor flags")
     p.add_argument("--weights", help="classifier weights to evaluate (default: the shipped ones)")

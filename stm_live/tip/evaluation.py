@@ -14,7 +14,9 @@ runs it (same features, classifier, hop and state machine), on seeds the classif
   on from the scan before); false alerts per 100 frames;
 - visibility: the same AUROCs with degraded windows kept only where the degradation changed the
   image enough to be seen at all (episodes.degradation_visibility): in the window itself for
-  single windows, in any row since the tip degraded for the monitor's belief, which remembers.
+  single windows, in any row since the tip degraded for the monitor's belief, which remembers;
+- whole frames: each steady frame (blunt, multi, unstable or clean) scored by the mean of its
+  windows' probabilities, as the published whole-image classifiers are measured.
 Recorded scans (.sxm, ...) run through the same monitor row by row give the rows it flags.
 """
 
@@ -113,13 +115,28 @@ def _by_visibility(p: np.ndarray, y: np.ndarray, visibility: np.ndarray) -> dict
     return out
 
 
+def _whole_frames(frames: list[np.ndarray], states: list[str]) -> dict:
+    """AUROC of the frame's mean window P(degraded) for good vs degraded frames, and of its mean
+    P(not good) for good frames against each kind of degraded frame."""
+    p, kind = np.array(frames), np.array(states)
+    degraded = 1 - p[:, TIP_STATES.index(GOOD)]
+    out = {"frames": {state: int((kind == state).sum()) for state in dict.fromkeys(states)},
+           "auroc_good_vs_degraded": auroc(degraded, kind != GOOD)}
+    for state in ("blunt", "multi", "unstable"):
+        pair = (kind == GOOD) | (kind == state)
+        out[f"auroc_good_vs_{state}"] = auroc(degraded[pair], kind[pair] == state)
+    return out
+
+
 def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1, hop: int = 2,
-                 progress: Callable[[int], None] = lambda n: None) -> dict:
+                 progress: Callable[[int], None] = lambda n: None, size: int = 256) -> dict:
     scores: list[np.ndarray] = []
     beliefs: list[np.ndarray] = []
     labels: list[int] = []
     surfaces: list[str] = []
     visible: list[tuple[float, float]] = []
+    frame_scores: list[np.ndarray] = []
+    frame_states: list[str] = []
     delays: list[int] = []
     next_scan_delays: list[int] = []
     missed = early = 0
@@ -127,7 +144,7 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
 
     for scenario in ("blunt", "multi", "unstable", "change"):
         around = 1 if scenario == "change" else 0
-        for k, scans in enumerate(evaluation_sequences(EVALUATION_SEED, episodes, scenario, stride=stride,
+        for k, scans in enumerate(evaluation_sequences(EVALUATION_SEED, episodes, scenario, size, stride,
                                                        visibility=True, before=around, after=around)):
             monitor = TipMonitor(classifier, hop=hop)
             if around:
@@ -136,6 +153,9 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
             readings, alerts = stream(monitor, sequence, f"{scenario}-{k}")
             _collect(readings, sequence, scores, beliefs, labels, surfaces, visible)
             progress(1)
+            if scenario != "change" and readings:
+                frame_scores.append(np.mean([window for _, window, _ in readings], axis=0))
+                frame_states.append(scenario)
             if scenario != "change" or sequence.change_at is None:
                 continue
             if TIP_STATES[int(sequence.labels[-1])] == GOOD:
@@ -156,7 +176,7 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
     clean_monitor = TipMonitor(classifier, hop=hop)
     false_alerts: list[dict] = []
     clean_frames = 0
-    for k, scans in enumerate(evaluation_sequences(EVALUATION_SEED + 1, episodes, "good", stride=stride,
+    for k, scans in enumerate(evaluation_sequences(EVALUATION_SEED + 1, episodes, "good", size, stride,
                                                    visibility=True, before=1)):
         for j, sequence in enumerate(scans):
             readings, alerts = stream(clean_monitor, sequence, f"good-{k}-{j}")
@@ -164,6 +184,9 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
                                  "frame_nm": round(sequence.pixel_nm * sequence.forward.shape[1], 1)}
                                 for i, state in alerts if state != GOOD)
             _collect(readings, sequence, scores, beliefs, labels, surfaces, visible)
+            if readings:
+                frame_scores.append(np.mean([window for _, window, _ in readings], axis=0))
+                frame_states.append(GOOD)
             clean_frames += 1
         progress(1)
 
@@ -171,9 +194,10 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
     belief = np.array(beliefs)
     in_window, since_degraded = np.array(visible).T
     return {
-        "episodes_per_scenario": episodes, "stride": stride, "hop": hop, "windows": int(len(y)),
+        "episodes_per_scenario": episodes, "size": size, "stride": stride, "hop": hop, "windows": int(len(y)),
         "window_counts": {state: int((y == c).sum()) for c, state in enumerate(TIP_STATES)},
         "monitor": _aurocs(belief, y), "single_window": _aurocs(np.array(scores), y),
+        "whole_frames": _whole_frames(frame_scores, frame_states),
         "monitor_per_surface": _per_surface(belief, y, np.array(surfaces)),
         "visibility": {"thresholds": list(VISIBILITY_THRESHOLDS),
                        "monitor": _by_visibility(belief, y, since_degraded),
