@@ -243,6 +243,7 @@ def test_eval_tip_reports_every_figure(classifier):
     assert len(result["false_alert_list"]) == result["false_alerts"]
     assert result["clean_frames"] == 2  # one area, scanned twice
     assert result["whole_frames"]["frames"] == {"blunt": 1, "multi": 1, "unstable": 1, "good": 2}
+    assert 0.0 <= result["whole_frames"]["auroc_good_vs_degraded"] <= 1.0
     surfaces = result["monitor_per_surface"]
     assert sum(s["windows"] for s in surfaces.values()) == result["windows"]
     for kind in ("monitor", "single_window"):

@@ -115,10 +115,17 @@ def _by_visibility(p: np.ndarray, y: np.ndarray, visibility: np.ndarray) -> dict
     return out
 
 
-def _whole_frames(frames: list[np.ndarray], states: list[str]) -> dict:
-    """AUROC of the frame's mean window P(degraded) for good vs degraded frames, and of its mean
-    P(not good) for good frames against each kind of degraded frame."""
-    p, kind = np.array(frames), np.array(states)
+def _add_frame(frames: list[tuple[str, np.ndarray]], state: str, readings: list[Reading]) -> None:
+    """A steady frame's whole-frame score: the mean of its windows' probabilities."""
+    if readings:
+        frames.append((state, np.mean([window for _, window, _ in readings], axis=0)))
+
+
+def _whole_frames(frames: list[tuple[str, np.ndarray]]) -> dict:
+    """AUROC of the frames' P(degraded) for good vs degraded frames, and for good frames against
+    each kind of degraded frame."""
+    states = [state for state, _ in frames]
+    p, kind = np.array([score for _, score in frames]), np.array(states)
     degraded = 1 - p[:, TIP_STATES.index(GOOD)]
     out = {"frames": {state: int((kind == state).sum()) for state in dict.fromkeys(states)},
            "auroc_good_vs_degraded": auroc(degraded, kind != GOOD)}
@@ -135,8 +142,7 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
     labels: list[int] = []
     surfaces: list[str] = []
     visible: list[tuple[float, float]] = []
-    frame_scores: list[np.ndarray] = []
-    frame_states: list[str] = []
+    frames: list[tuple[str, np.ndarray]] = []
     delays: list[int] = []
     next_scan_delays: list[int] = []
     missed = early = 0
@@ -153,9 +159,8 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
             readings, alerts = stream(monitor, sequence, f"{scenario}-{k}")
             _collect(readings, sequence, scores, beliefs, labels, surfaces, visible)
             progress(1)
-            if scenario != "change" and readings:
-                frame_scores.append(np.mean([window for _, window, _ in readings], axis=0))
-                frame_states.append(scenario)
+            if scenario != "change":
+                _add_frame(frames, scenario, readings)
             if scenario != "change" or sequence.change_at is None:
                 continue
             if TIP_STATES[int(sequence.labels[-1])] == GOOD:
@@ -184,9 +189,7 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
                                  "frame_nm": round(sequence.pixel_nm * sequence.forward.shape[1], 1)}
                                 for i, state in alerts if state != GOOD)
             _collect(readings, sequence, scores, beliefs, labels, surfaces, visible)
-            if readings:
-                frame_scores.append(np.mean([window for _, window, _ in readings], axis=0))
-                frame_states.append(GOOD)
+            _add_frame(frames, GOOD, readings)
             clean_frames += 1
         progress(1)
 
@@ -197,7 +200,7 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
         "episodes_per_scenario": episodes, "size": size, "stride": stride, "hop": hop, "windows": int(len(y)),
         "window_counts": {state: int((y == c).sum()) for c, state in enumerate(TIP_STATES)},
         "monitor": _aurocs(belief, y), "single_window": _aurocs(np.array(scores), y),
-        "whole_frames": _whole_frames(frame_scores, frame_states),
+        "whole_frames": _whole_frames(frames),
         "monitor_per_surface": _per_surface(belief, y, np.array(surfaces)),
         "visibility": {"thresholds": list(VISIBILITY_THRESHOLDS),
                        "monitor": _by_visibility(belief, y, since_degraded),
