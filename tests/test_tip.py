@@ -111,8 +111,10 @@ def _first_window(sequence):
 
 def test_a_window_in_doubt_is_read_with_its_mirror_image(classifier):
     image, summary = _first_window(simulate_sequence(4242, 1, 64, scenario="multi", stride=1))
+    before = classifier.mirrored
     p = classifier.probabilities(image, summary)
     assert p[classifier.good] < CLEARLY_GOOD and p.sum() == pytest.approx(1.0, abs=1e-5)
+    assert classifier.mirrored == before + 1
     assert classifier.probabilities(image[..., ::-1].copy(), summary) == pytest.approx(p, abs=1e-5)
 
 
