@@ -193,8 +193,10 @@ def _train_tip(args: argparse.Namespace) -> int:
 
     cfg = TipTrainConfig(**({"frames": args.frames} if args.frames else {}),
                          **({"epochs": args.epochs} if args.epochs else {}),
+                         **({"long_frames": args.long_frames} if args.long_frames is not None else {}),
                          **({"real_good": tuple(args.real_good)} if args.real_good else {}))
-    with tqdm(total=cfg.frames + cfg.validation_frames, unit="frame", desc="simulating") as bar:
+    frames = cfg.frames + cfg.validation_frames + (cfg.long_frames + cfg.long_validation_frames if cfg.long_frames else 0)
+    with tqdm(total=frames, unit="frame", desc="simulating") as bar:
         summary = train_tip(cfg, bar.update)
     _print_json(summary, args.json)
     return 0
@@ -478,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--frames", type=int, help="tip, molecules: simulated training frames")
     p.add_argument("--epochs", type=int, help="tip, molecules: training epochs")
+    p.add_argument("--long-frames", type=int, help="tip: simulated training frames of 512-pixel lines (0: none)")
     p.add_argument("--real-good", nargs="+", metavar="SCAN",
                    help="tip: recorded scans (in ../shared/data/real) whose tip is good, added to training")
     p.add_argument("--json", help="tip, molecules: write the summary here too")

@@ -14,6 +14,7 @@ from stm_live.tip.episodes import rescan_windows, simulate_scans, simulate_seque
 from stm_live.tip.evaluation import auroc, evaluate_tip, monitor_scan_file, stream
 from stm_live.tip.features import FEATURE_NAMES, row_features
 from stm_live.tip.monitor import TipMonitor, TipStateMachine
+from stm_live.tip.training import TipTrainConfig, epoch_batches, train_tip
 
 from conftest import REAL
 
@@ -348,3 +349,31 @@ def test_recorded_scans_become_good_sequences_in_acquisition_order():
     assert np.allclose(full.forward[0], z.forward[-1] * 1e9)  # scanned upwards: the bottom row first
     assert len(half.labels) == 128 and len(quarter.labels) == 64 and not full.labels.any()
     assert half.pixel_nm == full.pixel_nm  # rows are skipped, not pixels along the line
+
+
+def test_training_batches_never_mix_line_lengths_and_cover_every_window():
+    rng = np.random.default_rng(0)
+    batches = epoch_batches([70, 20], 8, rng)
+    assert [k for k, _ in batches].count(0) == 8 and [k for k, _ in batches].count(1) == 2
+    for k in (0, 1):
+        taken = np.concatenate([idx for j, idx in batches if j == k])
+        assert len(np.unique(taken)) == len(taken) == (64 if k == 0 else 16)
+        assert taken.max() < (70 if k == 0 else 20)
+
+
+def test_tip_training_learns_from_both_line_lengths_and_caches_each(tmp_path):
+    cfg = TipTrainConfig(weights=str(tmp_path / "tip.safetensors"), cache=str(tmp_path / "windows.npz"),
+                         frames=4, validation_frames=2, long_frames=2, long_validation_frames=1, windows_per_frame=4,
+                         epochs=1, batch=8, workers=1, real_good=())
+    simulated = []
+    summary = train_tip(cfg, simulated.append)
+    counts = summary["windows_by_line_length"]
+    assert counts["256"] >= 4 * 4 and counts["512"] >= 2 * 4
+    assert sum(simulated) == 9 and (tmp_path / "windows-512.npz").exists()
+    trained = TipClassifier(tmp_path / "tip.safetensors")
+    sequence = simulate_sequence(1, 0, size=512, scenario="good", stride=1)
+    image, summary_features, _ = windows(sequence, np.array([40]))
+    p = trained.probabilities(image[0].astype(np.float32), summary_features[0])
+    assert p.shape == (len(TIP_STATES),) and abs(p.sum() - 1) < 1e-5
+    again = train_tip(cfg, simulated.append)
+    assert again["simulation_s"] < summary["simulation_s"] and sum(simulated) == 18
