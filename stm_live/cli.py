@@ -195,7 +195,8 @@ def _train_tip(args: argparse.Namespace) -> int:
                          **({"epochs": args.epochs} if args.epochs else {}),
                          **({"long_frames": args.long_frames} if args.long_frames is not None else {}),
                          **({"real_good": tuple(args.real_good)} if args.real_good else {}))
-    frames = cfg.frames + cfg.validation_frames + (cfg.long_frames + cfg.long_validation_frames if cfg.long_frames else 0)
+    frames = cfg.frames + cfg.validation_frames
+    frames += cfg.long_frames + cfg.long_validation_frames if cfg.long_frames else 0
     with tqdm(total=frames, unit="frame", desc="simulating") as bar:
         summary = train_tip(cfg, bar.update)
     _print_json(summary, args.json)

@@ -173,8 +173,9 @@ def train_tip(cfg: TipTrainConfig, progress: Callable[[int], None] = lambda n: N
             save_classifier(net, Path(cfg.weights), {"width": cfg.width, "training": asdict(cfg),
                                                      "epoch": epoch + 1, "validation_loss": round(val_loss, 4),
                                                      "validation_accuracy": round(val_accuracy, 4)})
-    return {"windows": int(len(y)), "windows_by_line_length": {
-                str(cfg.size): int(len(train[0][2])), **({str(cfg.long_size): int(len(train[1][2]))} if len(train) > 1 else {})},
+    lengths = [cfg.size, cfg.long_size][:len(train)]
+    return {"windows": int(len(y)),
+            "windows_by_line_length": {str(n): int(len(part[2])) for n, part in zip(lengths, train)},
             "class_counts": dict(zip(TIP_STATES, counts.astype(int).tolist())),
             "simulation_s": round(simulated, 1), "total_s": round(time.perf_counter() - started, 1),
             "best_epoch": best[2], "validation_loss": round(best[0], 4), "validation_accuracy": round(best[1], 4),
