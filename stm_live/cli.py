@@ -8,10 +8,11 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from stm_live.config import ConfigError, Settings, load_settings, settings_as_toml
+from stm_live.config import ConfigError, Settings, dataclass_from_toml, load_settings, settings_as_toml
 from stm_live.fuzz import TARGETS as FUZZ_TARGETS
 from stm_live.security import SecurityError
 
@@ -191,10 +192,12 @@ def _train_tip(args: argparse.Namespace) -> int:
 
     from stm_live.tip.training import TipTrainConfig, train_tip
 
-    cfg = TipTrainConfig(**({"frames": args.frames} if args.frames else {}),
-                         **({"epochs": args.epochs} if args.epochs else {}),
-                         **({"long_frames": args.long_frames} if args.long_frames is not None else {}),
-                         **({"real_good": tuple(args.real_good)} if args.real_good else {}))
+    cfg = replace(dataclass_from_toml(TipTrainConfig, args.train_config),
+                  **({"frames": args.frames} if args.frames else {}),
+                  **({"epochs": args.epochs} if args.epochs else {}),
+                  **({"long_frames": args.long_frames} if args.long_frames is not None else {}),
+                  **({"weights": args.weights} if args.weights else {}),
+                  **({"real_good": tuple(args.real_good)} if args.real_good else {}))
     frames = cfg.frames + cfg.validation_frames
     frames += cfg.long_frames + cfg.long_validation_frames if cfg.long_frames else 0
     with tqdm(total=frames, unit="frame", desc="simulating") as bar:
@@ -477,11 +480,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the reconstruction model (default) or the tip classifier (`train tip`)")
     p.add_argument("what", nargs="?", choices=("reconstruction", "tip", "molecules"), default="reconstruction")
-    p.add_argument("--train-config", help="TOML file overriding the training defaults (stm_live/models/training.py)")
+    p.add_argument("--train-config", help="TOML file overriding the training defaults (stm_live/models/training.py; "
+                                           "for `train tip`, TipTrainConfig in stm_live/tip/training.py)")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--frames", type=int, help="tip, molecules: simulated training frames")
     p.add_argument("--epochs", type=int, help="tip, molecules: training epochs")
     p.add_argument("--long-frames", type=int, help="tip: simulated training frames of 512-pixel lines (0: none)")
+    p.add_argument("--weights", help="tip: where to write the weights (default: the shipped ones, replaced)")
     p.add_argument("--real-good", nargs="+", metavar="SCAN",
                    help="tip: recorded scans (in ../shared/data/real) whose tip is good, added to training")
     p.add_argument("--json", help="tip, molecules: write the summary here too")

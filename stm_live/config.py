@@ -11,7 +11,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 ENV_PREFIX = "STM_LIVE_"
 ENV_CONFIG_FILE = "STM_LIVE_CONFIG"
+
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -332,3 +335,18 @@ def settings_as_toml(settings: Settings) -> str:
                 lines.append(f"{key} = {value!r}")
         lines.append("")
     return "\n".join(lines)
+
+
+def dataclass_from_toml(cls: type[T], path: str | None) -> T:
+    """A training configuration (a dataclass) from a TOML file of its fields; defaults without one."""
+    if not path:
+        return cls()
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    unknown = set(data) - set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+    if unknown:
+        raise ConfigError(f"{path}: unknown training settings: {sorted(unknown)}")
+    return cls(**data)

@@ -123,3 +123,20 @@ def test_drive_replay_reports_a_bad_file_and_exits(tmp_path):
     bad.write_bytes(b":NANONIS_VERSION:\n2\n")
     result = stm_live("drive", "replay", str(bad), "--bind", free_tcp_endpoint(), "--wait-subscriber", "0")
     assert result.returncode == 4 and "broken.sxm" in result.stderr
+
+
+def test_train_tip_writes_the_weights_asked_for_from_a_training_config(tmp_path):
+    config = tmp_path / "tip.toml"
+    config.write_text(f'cache = "{tmp_path / "windows.npz"}"\nframes = 4\nvalidation_frames = 2\n'
+                      'long_validation_frames = 1\nwindows_per_frame = 4\nbatch = 8\nworkers = 1\n')
+    weights = tmp_path / "out" / "tip.safetensors"
+    result = stm_live("train", "tip", "--train-config", str(config), "--epochs", "1", "--long-frames", "2",
+                      "--weights", str(weights), "--json", str(tmp_path / "summary.json"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["weights"] == str(weights) and weights.exists()
+    assert set(summary["windows_by_line_length"]) == {"256", "512"}
+    assert json.loads(weights.with_suffix(".json").read_text())["training"]["frames"] == 4
+    config.write_text("frames = 4\nframe_count = 4\n")
+    result = stm_live("train", "tip", "--train-config", str(config))
+    assert result.returncode == 2 and "unknown training settings: ['frame_count']" in result.stderr

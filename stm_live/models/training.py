@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stm_live.config import dataclass_from_toml
 from stm_live.drivers.scanfiles import read_scan_file
 from stm_live.engines.base import inferable_rows
 from stm_live.models.architecture import MaskedUNet
@@ -58,16 +59,7 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | None) -> TrainConfig:
-        if not path:
-            return cls()
-        import tomllib
-
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown training settings: {sorted(unknown)}")
-        return cls(**data)
+        return dataclass_from_toml(cls, path)
 
 
 def random_mask(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
