@@ -9,6 +9,9 @@ import numpy as np
 from stm_live.bench import bench_e2e, bench_infer, bench_ingest
 from stm_live.config import Settings
 from stm_live.demo import free_tcp_endpoint
+from stm_live.protocol import TIP_STATES
+from stm_live.tip.classifier import TipClassifier
+from stm_live.tip.episodes import simulate_sequence, windows
 
 
 def stm_live(*args, timeout=240):
@@ -125,18 +128,32 @@ def test_drive_replay_reports_a_bad_file_and_exits(tmp_path):
     assert result.returncode == 4 and "broken.sxm" in result.stderr
 
 
-def test_train_tip_writes_the_weights_asked_for_from_a_training_config(tmp_path):
+def test_train_tip_learns_from_both_line_lengths_caches_each_and_writes_the_weights_asked_for(tmp_path):
     config = tmp_path / "tip.toml"
     config.write_text(f'cache = "{tmp_path / "windows.npz"}"\nframes = 4\nvalidation_frames = 2\n'
                       'long_validation_frames = 1\nwindows_per_frame = 4\nbatch = 8\nworkers = 1\n')
     weights = tmp_path / "out" / "tip.safetensors"
-    result = stm_live("train", "tip", "--train-config", str(config), "--epochs", "1", "--long-frames", "2",
-                      "--weights", str(weights), "--json", str(tmp_path / "summary.json"))
+    args = ("train", "tip", "--train-config", str(config), "--epochs", "1", "--long-frames", "2",
+            "--weights", str(weights), "--json", str(tmp_path / "summary.json"))
+    result = stm_live(*args)
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["weights"] == str(weights) and weights.exists()
-    assert set(summary["windows_by_line_length"]) == {"256", "512"}
+    counts = summary["windows_by_line_length"]
+    assert set(counts) == {"256", "512"} and counts["256"] >= 4 * 4 and counts["512"] >= 2 * 4
     assert json.loads(weights.with_suffix(".json").read_text())["training"]["frames"] == 4
+    assert (tmp_path / "windows-512.npz").exists()
+
+    again = stm_live(*args)
+    assert again.returncode == 0, again.stderr
+    assert "9/9" in again.stderr  # every frame counted, read back from the caches
+    assert json.loads((tmp_path / "summary.json").read_text())["simulation_s"] < summary["simulation_s"]
+    trained = TipClassifier(weights)
+    sequence = simulate_sequence(1, 0, size=512, scenario="good", stride=1)
+    image, features, _ = windows(sequence, np.array([40]))
+    p = trained.probabilities(image[0].astype(np.float32), features[0])
+    assert p.shape == (len(TIP_STATES),) and abs(p.sum() - 1) < 1e-5
+
     config.write_text("frames = 4\nframe_count = 4\n")
     result = stm_live("train", "tip", "--train-config", str(config))
     assert result.returncode == 2 and "unknown training settings: ['frame_count']" in result.stderr

@@ -14,7 +14,7 @@ from stm_live.tip.episodes import rescan_windows, simulate_scans, simulate_seque
 from stm_live.tip.evaluation import auroc, evaluate_tip, monitor_scan_file, stream
 from stm_live.tip.features import FEATURE_NAMES, row_features
 from stm_live.tip.monitor import TipMonitor, TipStateMachine
-from stm_live.tip.training import TipTrainConfig, epoch_batches, train_tip
+from stm_live.tip.training import epoch_batches
 
 from conftest import REAL
 
@@ -360,20 +360,3 @@ def test_training_batches_never_mix_line_lengths_and_cover_every_window():
         assert len(np.unique(taken)) == len(taken) == (64 if k == 0 else 16)
         assert taken.max() < (70 if k == 0 else 20)
 
-
-def test_tip_training_learns_from_both_line_lengths_and_caches_each(tmp_path):
-    cfg = TipTrainConfig(weights=str(tmp_path / "tip.safetensors"), cache=str(tmp_path / "windows.npz"),
-                         frames=4, validation_frames=2, long_frames=2, long_validation_frames=1, windows_per_frame=4,
-                         epochs=1, batch=8, workers=1, real_good=())
-    simulated = []
-    summary = train_tip(cfg, simulated.append)
-    counts = summary["windows_by_line_length"]
-    assert counts["256"] >= 4 * 4 and counts["512"] >= 2 * 4
-    assert sum(simulated) == 9 and (tmp_path / "windows-512.npz").exists()
-    trained = TipClassifier(tmp_path / "tip.safetensors")
-    sequence = simulate_sequence(1, 0, size=512, scenario="good", stride=1)
-    image, summary_features, _ = windows(sequence, np.array([40]))
-    p = trained.probabilities(image[0].astype(np.float32), summary_features[0])
-    assert p.shape == (len(TIP_STATES),) and abs(p.sum() - 1) < 1e-5
-    again = train_tip(cfg, simulated.append)
-    assert again["simulation_s"] < summary["simulation_s"] and sum(simulated) == 18
