@@ -28,13 +28,16 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "
 
 class Listener:
     """Subscribes to the daemon's output and keeps every decoded message and the topic it came
-    on: every message type, and the viewers' paced `view:` copies of the frames only if asked."""
+    on: every message type, and the viewers' paced `view:` copies of the frames only if asked.
+    Its receive queue is unbounded (set before connecting, when ZeroMQ applies it): a test that
+    pumps late still gets every message the daemon sent it."""
 
     def __init__(self, context: zmq.Context, endpoint: str, topics: tuple[str, ...] = TYPES) -> None:
         self.sock = context.socket(zmq.SUB)
         for topic in topics:
             self.sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.connect(endpoint)
         self.decoder = Decoder()
         self.messages: list[Message] = []

@@ -186,12 +186,18 @@ def test_rendering_keeps_references_to_none(qapp, recorded):
         qapp.processEvents()
 
 
-def test_a_frozen_viewer_costs_the_daemon_nothing_and_counts_what_it_missed(qapp, tmp_path):
+def test_a_frozen_viewer_costs_the_daemon_nothing_and_counts_what_it_missed(qapp, tmp_path, monkeypatch):
     """The viewer stops processing events for a whole scan (a reconstruction after every line):
     the daemon records every line and a healthy subscriber gets every message, while the frozen
     viewer's queue overflows. Thawed, the viewer counts exactly the messages it never received:
-    what it took plus what it missed equals what the healthy subscriber got over the same span."""
+    what it took plus what it missed equals what the healthy subscriber got over the same span.
+    The daemon's queue per subscriber holds a few reconstructions' messages (a busy machine may
+    delay ZeroMQ's sending thread that long); the viewer's own queue is cut to 10 so that the
+    frozen one overflows by far."""
     from stm_live.config import Settings
+    from stm_live.viewer import window as viewer_window
+
+    monkeypatch.setattr(viewer_window, "RECEIVE_HWM", 10)
 
     settings = Settings()
     settings.daemon.input, settings.daemon.output = free_tcp_endpoint(), free_tcp_endpoint()
@@ -200,14 +206,13 @@ def test_a_frozen_viewer_costs_the_daemon_nothing_and_counts_what_it_missed(qapp
     settings.daemon.reconstruct_every_lines = 1
     settings.daemon.progressive_max_hz = settings.daemon.preview_max_hz = 0  # every frame to the viewer too
     settings.tip.enabled = settings.localize.enabled = False
-    settings.zmq.output_hwm = 20
+    settings.zmq.output_hwm = 60
     context = zmq.Context()
     h = Harness(settings, context)
     h.listener.sock.setsockopt(zmq.SUBSCRIBE, b"view:")  # the healthy subscriber takes the viewers' stream too
     h.start()
     window = ViewerWindow(settings.daemon.output, context)
     try:
-        h.listener.sock.setsockopt(zmq.RCVHWM, 0)
         deadline = time.monotonic() + 20
         while window.model.status is None and time.monotonic() < deadline:
             qapp.processEvents()
@@ -247,8 +252,8 @@ def test_a_frozen_viewer_costs_the_daemon_nothing_and_counts_what_it_missed(qapp
 
         counters = h.listener.last_status().counters
         published_frames = sum(n for k, n in counters.items() if k.startswith("published_frame:"))
-        # nearly a reconstruction per line (a loaded machine supersedes a few): far beyond both queues
-        assert sum(t.startswith("frame:") for t in h.listener.topics) == published_frames > 3 * 128
+        # most lines get a reconstruction of their own (a loaded machine supersedes some): far beyond both queues
+        assert sum(t.startswith("frame:") for t in h.listener.topics) == published_frames > 2 * 128
         at = {m.t: i for i, m in enumerate(h.listener.messages) if m.type == "status"}
         span = sum(t.startswith(window.model.subscriptions) for t in h.listener.topics[at[baseline] + 1:at[last] + 1])
         taken = window.model.received + window.model.invalid - taken_before
