@@ -247,6 +247,12 @@ def test_eval_tip_reports_every_figure(classifier):
     assert result["clean_frames"] == 2  # one area, scanned twice
     assert result["whole_frames"]["frames"] == {"blunt": 1, "multi": 1, "unstable": 1, "good": 2}
     assert 0.0 <= result["whole_frames"]["auroc_good_vs_degraded"] <= 1.0
+    alerted = result["steady_frames_alerted"]
+    assert set(alerted) == {"blunt", "multi", "unstable"}
+    for kind in alerted.values():
+        assert kind["frames"] == 1 and kind["first_alert_names_it"] <= kind["alerted"] <= 1
+        assert (kind["median_row_of_first_alert"] is None) == (kind["alerted"] == 0)
+    assert alerted["unstable"]["alerted"] == alerted["unstable"]["first_alert_names_it"] == 1  # unmistakable
     surfaces = result["monitor_per_surface"]
     assert sum(s["windows"] for s in surfaces.values()) == result["windows"]
     for kind in ("monitor", "single_window"):

@@ -16,7 +16,10 @@ runs it (same features, classifier, hop and state machine), on seeds the classif
   image enough to be seen at all (episodes.degradation_visibility): in the window itself for
   single windows, in any row since the tip degraded for the monitor's belief, which remembers;
 - whole frames: each steady frame (blunt, multi, unstable or clean) scored by the mean of its
-  windows' probabilities, as the published whole-image classifiers are measured.
+  windows' probabilities, as the published whole-image classifiers are measured;
+- steady frames alerted: of the frames scanned with a degraded tip from their first row (a
+  session that starts with a bad tip), how many raise an alert at all, how many name the kind
+  in their first alert, and the row of that alert.
 Recorded scans (.sxm, ...) run through the same monitor row by row give the rows it flags.
 """
 
@@ -135,6 +138,18 @@ def _whole_frames(frames: list[tuple[str, np.ndarray]]) -> dict:
     return out
 
 
+def _alerted(first_alerts: dict[str, list[tuple[int, str] | None]]) -> dict:
+    """Per degraded kind: frames, frames with an alert, first alerts naming the kind, median row
+    of the first alert."""
+    out = {}
+    for state, firsts in first_alerts.items():
+        raised = [first for first in firsts if first is not None]
+        out[state] = {"frames": len(firsts), "alerted": len(raised),
+                      "first_alert_names_it": sum(kind == state for _, kind in raised),
+                      "median_row_of_first_alert": float(np.median([row for row, _ in raised])) if raised else None}
+    return out
+
+
 def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1, hop: int = 2,
                  progress: Callable[[int], None] = lambda n: None, size: int = 256) -> dict:
     scores: list[np.ndarray] = []
@@ -143,6 +158,7 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
     surfaces: list[str] = []
     visible: list[tuple[float, float]] = []
     frames: list[tuple[str, np.ndarray]] = []
+    first_alerts: dict[str, list[tuple[int, str] | None]] = {}
     delays: list[int] = []
     next_scan_delays: list[int] = []
     missed = early = 0
@@ -161,6 +177,8 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
             progress(1)
             if scenario != "change":
                 _add_frame(frames, scenario, readings)
+                raised = [(i, state) for i, state in alerts if state != GOOD]
+                first_alerts.setdefault(scenario, []).append(raised[0] if raised else None)
             if scenario != "change" or sequence.change_at is None:
                 continue
             if TIP_STATES[int(sequence.labels[-1])] == GOOD:
@@ -201,6 +219,7 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
         "window_counts": {state: int((y == c).sum()) for c, state in enumerate(TIP_STATES)},
         "monitor": _aurocs(belief, y), "single_window": _aurocs(np.array(scores), y),
         "whole_frames": _whole_frames(frames),
+        "steady_frames_alerted": _alerted(first_alerts),
         "monitor_per_surface": _per_surface(belief, y, np.array(surfaces)),
         "visibility": {"thresholds": list(VISIBILITY_THRESHOLDS),
                        "monitor": _by_visibility(belief, y, since_degraded),
