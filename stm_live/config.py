@@ -226,6 +226,8 @@ class TipSettings(_Section):
     confirm: int = Field(5, ge=1, description="windows in a row to confirm a degradation")
     clear: int = Field(4, ge=1, description="windows in a row to confirm a recovery")
     smoothing: float = Field(0.1, gt=0, le=1, description="weight of the newest window in the monitor's belief")
+    kind_margin: float = Field(0.3, ge=0, le=1, description="lead in belief another kind of degradation needs to "
+                               "replace the one named")
     max_queued_lines: int = Field(4096, ge=16, description="lines waiting for the monitor; beyond, lines skip it")
 
 

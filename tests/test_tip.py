@@ -103,6 +103,21 @@ def test_a_tip_change_is_announced_from_one_window_and_restarts_the_belief():
     assert machine.update(probabilities(good=0.05, blunt=0.9, changed=0.05)) == "blunt"
 
 
+def test_a_named_kind_gives_way_only_to_a_kind_clearly_ahead():
+    """Blunt and multi nearly tied, now one ahead, now the other, raise one alert, not one per
+    turn; a kind ahead by the margin takes over after the usual confirmation."""
+    machine = TipStateMachine(TIP_STATES, enter=0.7, confirm=2, smoothing=1.0, kind_margin=0.3)
+    blunt_ahead = probabilities(good=0.05, blunt=0.5, multi=0.45)
+    multi_ahead = probabilities(good=0.05, blunt=0.4, multi=0.55)
+    assert [machine.update(blunt_ahead) for _ in range(2)] == [None, "blunt"]
+    assert [machine.update(p) for p in [multi_ahead] * 4 + [blunt_ahead, multi_ahead] * 3] == [None] * 10
+    assert machine.state == "blunt"
+    clearly_multi = probabilities(good=0.05, blunt=0.15, multi=0.8)
+    assert [machine.update(clearly_multi) for _ in range(2)] == [None, "multi"]
+    tied = TipStateMachine(TIP_STATES, enter=0.7, confirm=2, smoothing=1.0, kind_margin=0.0)
+    assert [tied.update(p) for p in [blunt_ahead] * 2 + [multi_ahead] * 2] == [None, "blunt", None, "multi"]
+
+
 # -- the shipped classifier in the monitor -----------------------------------------------------
 
 def _first_window(sequence):

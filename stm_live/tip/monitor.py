@@ -44,15 +44,18 @@ class TipStateMachine:
     Window probabilities are filtered (exponential moving average, weight `smoothing` on the
     newest) into a belief; a window that calls a tip change restarts the belief, since what came
     before the change says nothing about the new apex. The state follows the belief only after
-    `confirm` windows agree; a tip change itself is announced from one window.
+    `confirm` windows agree; a tip change itself is announced from one window. Once a kind of
+    degradation is named, another kind replaces it only while its belief leads by `kind_margin`:
+    two kinds the classifier finds about equally likely do not take turns in the alerts.
     """
 
     def __init__(self, classes: tuple[str, ...], enter: float = 0.95, leave: float = 0.3, confirm: int = 5,
-                 clear: int = 4, smoothing: float = 0.1) -> None:
+                 clear: int = 4, smoothing: float = 0.1, kind_margin: float = 0.3) -> None:
         self.classes = classes
         self.good = classes.index(GOOD)
         self.changed = classes.index(CHANGED)
         self.enter, self.leave, self.confirm, self.clear, self.smoothing = enter, leave, confirm, clear, smoothing
+        self.kind_margin = kind_margin
         self.state = GOOD
         self.belief: np.ndarray | None = None
         self._agree = 0
@@ -76,7 +79,11 @@ class TipStateMachine:
             return None
         ranked = self.belief.copy()
         ranked[[self.good, self.changed]] = -1.0
-        return self._vote(self.classes[int(np.argmax(ranked))], self.confirm)
+        candidate = int(np.argmax(ranked))
+        if self.state not in (GOOD, CHANGED) and \
+                ranked[candidate] - ranked[self.classes.index(self.state)] < self.kind_margin:
+            candidate = self.classes.index(self.state)  # not clearly another kind: the named one stands
+        return self._vote(self.classes[candidate], self.confirm)
 
     def _vote(self, candidate: str, needed: int) -> str | None:
         if candidate == self.state:
@@ -125,10 +132,10 @@ class TipMonitor:
     """Per-scan row windows, one classifier, one state machine (the instrument's tip)."""
 
     def __init__(self, classifier: TipClassifier, hop: int = 2, enter: float = 0.95, leave: float = 0.3,
-                 confirm: int = 5, clear: int = 4, smoothing: float = 0.1) -> None:
+                 confirm: int = 5, clear: int = 4, smoothing: float = 0.1, kind_margin: float = 0.3) -> None:
         self.classifier = classifier
         self.hop = hop
-        self.machine = TipStateMachine(classifier.classes, enter, leave, confirm, clear, smoothing)
+        self.machine = TipStateMachine(classifier.classes, enter, leave, confirm, clear, smoothing, kind_margin)
         self.scans: dict[str, _ScanRows] = {}
         self._last: _ScanRows | None = None  # the last scan ended, whose rows a continuing scan reads on from
         self.counters = {"tip_rows": 0, "tip_windows": 0, "tip_alerts": 0, "tip_rows_skipped": 0}
