@@ -8,11 +8,11 @@ from scipy import ndimage
 
 from stm_live.config import ConditioningSettings
 from stm_live.protocol import TIP_STATES
-from stm_live.tip.classifier import CLEARLY_GOOD, WINDOW_ROWS, TipClassifier
+from stm_live.tip.classifier import CLEARLY_GOOD, WINDOW_ROWS, TipClassifier, window_image, window_of_rows
 from stm_live.tip.conditioning import ConditioningPolicy
 from stm_live.tip.episodes import rescan_windows, simulate_scans, simulate_sequence, windows
 from stm_live.tip.evaluation import auroc, evaluate_tip, monitor_scan_file, stream
-from stm_live.tip.features import FEATURE_NAMES, row_features
+from stm_live.tip.features import FEATURE_NAMES, features_of, prepare_row, row_features
 from stm_live.tip.monitor import TipMonitor, TipStateMachine
 from stm_live.tip.training import epoch_batches
 
@@ -58,6 +58,23 @@ def test_features_read_what_a_user_sees():
     other = lattice_line(rng)
     assert row_features(line, other, None, 0.05)[F["disagreement"]] > 0.5
     assert row_features(line, None, other, 0.05)[F["row_correlation"]] < 0.9
+
+
+def test_the_monitor_reads_rows_prepared_once_as_training_read_them():
+    """The monitor detrends each row once, on arrival, and builds its windows from those rows;
+    training builds windows and features from whole arrays. Both give the network the same input."""
+    sequence = simulate_sequence(4242, 2, 96, scenario="multi", stride=1)
+    span = slice(10, 10 + WINDOW_ROWS)
+    rows = [prepare_row(f, b) for f, b in zip(sequence.forward[span], sequence.backward[span])]
+    expected = window_image(sequence.forward[span], sequence.backward[span])
+    assert window_of_rows(rows).dtype == np.float32
+    np.testing.assert_allclose(window_of_rows(rows), expected, rtol=1e-6, atol=1e-6)
+    one_direction = [prepare_row(f) for f in sequence.forward[span]]
+    np.testing.assert_allclose(window_of_rows(one_direction), window_image(sequence.forward[span], sequence.forward[span]),
+                               rtol=1e-6, atol=1e-6)
+    trained = sequence.features()[span][1:]
+    read = [features_of(row, previous, sequence.pixel_nm) for previous, row in zip(rows, rows[1:])]
+    np.testing.assert_allclose(read, trained, rtol=1e-5, atol=1e-6)
 
 
 def test_ghost_feature_sees_a_second_apex():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stm_live.protocol import TIP_STATES
-from stm_live.tip.features import N_FEATURES, detrend
+from stm_live.tip.features import N_FEATURES, Row, detrend
 
 WINDOW_ROWS = 32
 CLIP = 8.0
@@ -33,7 +34,21 @@ DEFAULT_WEIGHTS = Path(__file__).with_name("weights") / "tip_classifier.safetens
 def window_image(forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
     """(rows, cols) forward and backward heights -> the network's (2, rows, cols) float32 input."""
     stacked = detrend(np.stack([forward, backward]).astype(np.float64))
-    scale = float(np.median(stacked.std(axis=-1))) + 1e-9
+    return _scaled(stacked, stacked.std(axis=-1))
+
+
+def window_of_rows(rows: Sequence[Row]) -> np.ndarray:
+    """The same input from rows detrended once as they arrived (the monitor's window)."""
+    stacked = np.stack([np.stack([r.forward for r in rows]),
+                        np.stack([r.forward if r.backward is None else r.backward for r in rows])])
+    spreads = np.array([[r.forward_spread for r in rows], [r.backward_spread for r in rows]])
+    return _scaled(stacked, spreads)
+
+
+def _scaled(stacked: np.ndarray, spreads: np.ndarray) -> np.ndarray:
+    """Detrended lines divided by their median spread, clipped: the scale of the surface is gone,
+    its shape and the outliers' sign stay."""
+    scale = float(np.median(spreads)) + 1e-9
     return np.clip(stacked / scale, -CLIP, CLIP).astype(np.float32)
 
 

@@ -16,6 +16,7 @@ Values are compressed (logarithms, bounded ratios) so that a classifier sees com
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -95,20 +96,37 @@ def _width_and_ghost(line: np.ndarray, spectrum: np.ndarray, pixel_nm: float) ->
     return width_px * pixel_nm, max(ghost, 0.0)
 
 
-def row_features(forward: np.ndarray, backward: np.ndarray | None, previous: np.ndarray | None,
-                 pixel_nm: float) -> np.ndarray:
-    """Features of one row (finite heights in nm; `previous` is the forward trace of the row scanned before)."""
+@dataclass(frozen=True)
+class Row:
+    """One row's traces detrended once: its features, the row after it and every window it
+    falls in read these (a window holds 32 rows and moves on by 2)."""
+
+    forward: np.ndarray  # detrended heights (nm), float64
+    backward: np.ndarray | None  # detrended backward trace, None when only one direction is scanned
+    forward_spread: float  # standard deviation of the detrended forward trace (nm)
+    backward_spread: float  # the same of the backward trace (the forward's when there is none)
+    level_nm: float  # median raw height of the forward trace: the next row's height step
+
+
+def prepare_row(forward: np.ndarray, backward: np.ndarray | None = None) -> Row:
     f = detrend(np.asarray(forward, np.float64))
+    b = None if backward is None else detrend(np.asarray(backward, np.float64))
+    f_spread = float(np.std(f))
+    return Row(f, b, f_spread, f_spread if b is None else float(np.std(b)),
+               _median(np.asarray(forward, np.float64)))
+
+
+def features_of(row: Row, previous: Row | None, pixel_nm: float) -> np.ndarray:
+    """Features of one prepared row against the row scanned before it."""
+    f = row.forward
     noise = noise_scale(f)
-    spread = float(np.std(f)) + _EPS
+    spread = row.forward_spread + _EPS
     out = np.zeros(N_FEATURES, np.float32)
-    if backward is not None:
-        b = detrend(np.asarray(backward, np.float64))
-        out[0] = np.log1p(np.std(f - b) / (0.5 * (spread + np.std(b)) + _EPS))
+    if row.backward is not None:
+        out[0] = np.log1p(np.std(f - row.backward) / (0.5 * (spread + row.backward_spread) + _EPS))
     if previous is not None:
-        p = np.asarray(previous, np.float64)
-        out[1] = _correlation(f, detrend(p))
-        out[2] = np.log1p(abs(_median(np.asarray(forward)) - _median(p)) / (noise + spread))
+        out[1] = _correlation(f, previous.forward)
+        out[2] = np.log1p(abs(row.level_nm - previous.level_nm) / (noise + spread))
     out[3] = np.log10(noise)
     spectrum = np.abs(np.fft.rfft(f)) ** 2
     out[4] = spectrum[spectrum.size // 2:].sum() / (spectrum[1:].sum() + _EPS)
@@ -120,3 +138,9 @@ def row_features(forward: np.ndarray, backward: np.ndarray | None, previous: np.
     out[8] = np.log10(spread)
     out[9] = np.log10(pixel_nm)
     return out
+
+
+def row_features(forward: np.ndarray, backward: np.ndarray | None, previous: np.ndarray | None,
+                 pixel_nm: float) -> np.ndarray:
+    """Features of one row (finite heights in nm; `previous` is the forward trace of the row scanned before)."""
+    return features_of(prepare_row(forward, backward), None if previous is None else prepare_row(previous), pixel_nm)

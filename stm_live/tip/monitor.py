@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stm_live.protocol import TipAlert, TipReport
-from stm_live.tip.classifier import WINDOW_ROWS, TipClassifier, summarize, window_image
-from stm_live.tip.features import FEATURE_NAMES, row_features
+from stm_live.tip.classifier import WINDOW_ROWS, TipClassifier, summarize, window_of_rows
+from stm_live.tip.features import FEATURE_NAMES, Row, features_of, prepare_row
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,9 @@ class _ScanRows:
     pixel_nm: float
     directions: tuple[str, ...]
     pending: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
-    forward: deque = field(default_factory=lambda: deque(maxlen=WINDOW_ROWS))
-    backward: deque = field(default_factory=lambda: deque(maxlen=WINDOW_ROWS))
+    window: deque = field(default_factory=lambda: deque(maxlen=WINDOW_ROWS))  # prepared rows
     features: deque = field(default_factory=lambda: deque(maxlen=WINDOW_ROWS))
-    previous: np.ndarray | None = None  # forward trace of the row scanned just before, in this scan
+    previous: Row | None = None  # the row scanned just before, in this scan
     rows: int = 0  # rows of this scan read
     filled: int = 0  # rows in the window since it last started afresh (may exceed WINDOW_ROWS)
 
@@ -114,14 +113,13 @@ class _ScanRows:
         """A new scan whose window starts with this scan's rows, when it continues this one."""
         rows = _ScanRows(pixel_nm, directions)
         if directions == self.directions and np.isclose(pixel_nm, self.pixel_nm, rtol=1e-6, atol=0.0):
-            for mine, theirs in ((self.forward, rows.forward), (self.backward, rows.backward),
-                                 (self.features, rows.features)):
+            for mine, theirs in ((self.window, rows.window), (self.features, rows.features)):
                 theirs.extend(mine)
             rows.filled = self.filled
         return rows
 
     def clear(self) -> None:
-        for rows in (self.forward, self.backward, self.features):
+        for rows in (self.window, self.features):
             rows.clear()
         self.pending.clear()
         self.previous = None
@@ -183,15 +181,13 @@ class TipMonitor:
             return None, None
         del scan.pending[row]
         forward = traces.get("forward", traces.get("backward"))
-        backward = traces.get("backward", forward)
-        if scan.forward and scan.forward[-1].size != forward.size:
+        if scan.window and scan.window[-1].forward.size != forward.size:
             scan.clear()
-        features = row_features(forward, backward if len(traces) > 1 else None, scan.previous,
-                                pixel_nm or scan.pixel_nm)
-        scan.forward.append(forward)
-        scan.backward.append(backward)
+        prepared = prepare_row(forward, traces["backward"] if len(traces) > 1 else None)
+        features = features_of(prepared, scan.previous, pixel_nm or scan.pixel_nm)
+        scan.window.append(prepared)
         scan.features.append(features)
-        scan.previous = forward
+        scan.previous = prepared
         scan.rows += 1
         scan.filled += 1
         self.counters["tip_rows"] += 1
@@ -201,8 +197,7 @@ class TipMonitor:
 
     def _classify(self, uid: str, row: int, scan: _ScanRows, features: np.ndarray
                   ) -> tuple[TipReport, TipAlert | None]:
-        forward, backward, window_features = (np.stack(rows) for rows in (scan.forward, scan.backward, scan.features))
-        p = self.classifier.probabilities(window_image(forward, backward), summarize(window_features))
+        p = self.classifier.probabilities(window_of_rows(scan.window), summarize(np.stack(scan.features)))
         self.counters["tip_windows"] += 1
         previous = self.machine.state
         changed = self.machine.update(p)
