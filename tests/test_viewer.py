@@ -191,9 +191,9 @@ def test_a_frozen_viewer_costs_the_daemon_nothing_and_counts_what_it_missed(qapp
     the daemon records every line and a healthy subscriber gets every message, while the frozen
     viewer's queue overflows. Thawed, the viewer counts exactly the messages it never received:
     what it took plus what it missed equals what the healthy subscriber got over the same span.
-    The daemon's queue per subscriber holds a few reconstructions' messages (a busy machine may
-    delay ZeroMQ's sending thread that long); the viewer's own queue is cut to 10 so that the
-    frozen one overflows by far."""
+    The daemon's queue per subscriber holds a few reconstructions' messages (20 messages were
+    overflowed for the healthy subscriber too on a busy machine); the viewer's own queue is cut
+    to 10 so that the frozen one overflows by far."""
     from stm_live.config import Settings
     from stm_live.viewer import window as viewer_window
 

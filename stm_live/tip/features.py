@@ -109,6 +109,7 @@ class Row:
 
 
 def prepare_row(forward: np.ndarray, backward: np.ndarray | None = None) -> Row:
+    """A row's traces (heights in nm) as every later reading needs them."""
     f = detrend(np.asarray(forward, np.float64))
     b = None if backward is None else detrend(np.asarray(backward, np.float64))
     f_spread = float(np.std(f))
