@@ -228,6 +228,8 @@ class TipSettings(_Section):
     smoothing: float = Field(0.1, gt=0, le=1, description="weight of the newest window in the monitor's belief")
     kind_margin: float = Field(0.3, ge=0, le=1, description="lead in belief another kind of degradation needs to "
                                "replace the one named")
+    kind_enter: float = Field(0.9, gt=0, le=1, description="belief one kind of degradation alone needs to leave "
+                              "good (P(degraded) needs enter)")
     max_queued_lines: int = Field(4096, ge=16, description="lines waiting for the monitor; beyond, lines skip it")
 
 

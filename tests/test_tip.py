@@ -120,6 +120,18 @@ def test_a_tip_change_is_announced_from_one_window_and_restarts_the_belief():
     assert machine.update(probabilities(good=0.05, blunt=0.9, changed=0.05)) == "blunt"
 
 
+def test_one_kind_alone_near_certain_leaves_good_below_the_degraded_bar():
+    """P(degraded) 0.93 is under `enter`; spread over two kinds it raises nothing, on one kind
+    (0.91, over `kind_enter`) it raises that kind after the usual confirmation."""
+    spread = probabilities(good=0.07, blunt=0.46, multi=0.47)
+    one_kind = probabilities(good=0.07, blunt=0.02, multi=0.91)
+    machine = TipStateMachine(TIP_STATES, enter=0.95, confirm=2, smoothing=1.0, kind_enter=0.9)
+    assert [machine.update(spread) for _ in range(4)] == [None] * 4
+    assert [machine.update(one_kind) for _ in range(2)] == [None, "multi"]
+    without = TipStateMachine(TIP_STATES, enter=0.95, confirm=2, smoothing=1.0, kind_enter=1.0)
+    assert [without.update(one_kind) for _ in range(4)] == [None] * 4
+
+
 def test_a_named_kind_gives_way_only_to_a_kind_clearly_ahead():
     """Blunt and multi nearly tied, now one ahead, now the other, raise one alert, not one per
     turn; a kind ahead by the margin takes over after the usual confirmation."""

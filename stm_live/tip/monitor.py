@@ -44,18 +44,20 @@ class TipStateMachine:
     Window probabilities are filtered (exponential moving average, weight `smoothing` on the
     newest) into a belief; a window that calls a tip change restarts the belief, since what came
     before the change says nothing about the new apex. The state follows the belief only after
-    `confirm` windows agree; a tip change itself is announced from one window. Once a kind of
+    `confirm` windows agree; a tip change itself is announced from one window. The belief leaves
+    `good` when P(degraded) reaches `enter`, or when one kind alone reaches `kind_enter`: the
+    classifier rarely puts that much on one kind when it is wrong. Once a kind of
     degradation is named, another kind replaces it only while its belief leads by `kind_margin`:
     two kinds the classifier finds about equally likely do not take turns in the alerts.
     """
 
     def __init__(self, classes: tuple[str, ...], enter: float = 0.95, leave: float = 0.3, confirm: int = 5,
-                 clear: int = 4, smoothing: float = 0.1, kind_margin: float = 0.3) -> None:
+                 clear: int = 4, smoothing: float = 0.1, kind_margin: float = 0.3, kind_enter: float = 0.9) -> None:
         self.classes = classes
         self.good = classes.index(GOOD)
         self.changed = classes.index(CHANGED)
         self.enter, self.leave, self.confirm, self.clear, self.smoothing = enter, leave, confirm, clear, smoothing
-        self.kind_margin = kind_margin
+        self.kind_margin, self.kind_enter = kind_margin, kind_enter
         self.state = GOOD
         self.belief: np.ndarray | None = None
         self._agree = 0
@@ -74,12 +76,12 @@ class TipStateMachine:
         degraded = 1.0 - float(self.belief[self.good])
         if self.state != GOOD and degraded <= self.leave:
             return self._vote(GOOD, self.clear)
-        if degraded < self.enter:
-            self._agree, self._candidate = 0, None
-            return None
         ranked = self.belief.copy()
         ranked[[self.good, self.changed]] = -1.0
         candidate = int(np.argmax(ranked))
+        if degraded < self.enter and ranked[candidate] < self.kind_enter:
+            self._agree, self._candidate = 0, None
+            return None
         if self.state not in (GOOD, CHANGED) and \
                 ranked[candidate] - ranked[self.classes.index(self.state)] < self.kind_margin:
             candidate = self.classes.index(self.state)  # not clearly another kind: the named one stands
@@ -130,10 +132,12 @@ class TipMonitor:
     """Per-scan row windows, one classifier, one state machine (the instrument's tip)."""
 
     def __init__(self, classifier: TipClassifier, hop: int = 2, enter: float = 0.95, leave: float = 0.3,
-                 confirm: int = 5, clear: int = 4, smoothing: float = 0.1, kind_margin: float = 0.3) -> None:
+                 confirm: int = 5, clear: int = 4, smoothing: float = 0.1, kind_margin: float = 0.3,
+                 kind_enter: float = 0.9) -> None:
         self.classifier = classifier
         self.hop = hop
-        self.machine = TipStateMachine(classifier.classes, enter, leave, confirm, clear, smoothing, kind_margin)
+        self.machine = TipStateMachine(classifier.classes, enter, leave, confirm, clear, smoothing, kind_margin,
+                                       kind_enter)
         self.scans: dict[str, _ScanRows] = {}
         self._last: _ScanRows | None = None  # the last scan ended, whose rows a continuing scan reads on from
         self.counters = {"tip_rows": 0, "tip_windows": 0, "tip_alerts": 0, "tip_rows_skipped": 0}

@@ -162,7 +162,7 @@ class TipService:
         if monitor is None:
             s = self.settings
             monitor = self.monitors[start.instrument] = TipMonitor(
-                self.classifier, s.hop, s.enter, s.leave, s.confirm, s.clear, s.smoothing, s.kind_margin)
+                self.classifier, s.hop, s.enter, s.leave, s.confirm, s.clear, s.smoothing, s.kind_margin, s.kind_enter)
         monitor.start_scan(start.uid, info.pixel_nm, start.line_directions)
 
     def _line(self, msg: Line, columns: slice | np.ndarray) -> None:
