@@ -45,8 +45,9 @@ class TipStateMachine:
     newest) into a belief; a window that calls a tip change restarts the belief, since what came
     before the change says nothing about the new apex. The state follows the belief only after
     `confirm` windows agree; a tip change itself is announced from one window. The belief leaves
-    `good` when P(degraded) reaches `enter`, or when one kind alone reaches `kind_enter`: the
-    classifier rarely puts that much on one kind when it is wrong. Once a kind of
+    `good` when P(degraded) reaches `enter`, or when one kind alone reaches `kind_enter`: so
+    much on one kind catches a third more multi-apex tips for few more false alerts
+    (docs/tip-monitor.md). Once a kind of
     degradation is named, another kind replaces it only while its belief leads by `kind_margin`:
     two kinds the classifier finds about equally likely do not take turns in the alerts.
     """
