@@ -169,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _train_molecules(args)
     from stm_live.models.training import TrainConfig, train
 
-    summary = train(TrainConfig.from_toml(args.train_config), resume=not args.restart)
+    summary = train(dataclass_from_toml(TrainConfig, args.train_config), resume=not args.restart)
     _print_json(summary, None)
     return 0
 
@@ -190,7 +190,7 @@ def _train_molecules(args: argparse.Namespace) -> int:
 def _train_tip(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from stm_live.tip.training import TipTrainConfig, train_tip
+    from stm_live.tip.training import TipTrainConfig, frames_to_simulate, train_tip
 
     cfg = replace(dataclass_from_toml(TipTrainConfig, args.train_config),
                   **({"frames": args.frames} if args.frames else {}),
@@ -198,9 +198,7 @@ def _train_tip(args: argparse.Namespace) -> int:
                   **({"long_frames": args.long_frames} if args.long_frames is not None else {}),
                   **({"weights": args.weights} if args.weights else {}),
                   **({"real_good": tuple(args.real_good)} if args.real_good else {}))
-    frames = cfg.frames + cfg.validation_frames
-    frames += cfg.long_frames + cfg.long_validation_frames if cfg.long_frames else 0
-    with tqdm(total=frames, unit="frame", desc="simulating") as bar:
+    with tqdm(total=frames_to_simulate(cfg), unit="frame", desc="simulating") as bar:
         summary = train_tip(cfg, bar.update)
     _print_json(summary, args.json)
     return 0

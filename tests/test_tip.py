@@ -12,7 +12,7 @@ from stm_live.tip.classifier import CLEARLY_GOOD, WINDOW_ROWS, TipClassifier, wi
 from stm_live.tip.conditioning import ConditioningPolicy
 from stm_live.tip.episodes import rescan_windows, simulate_scans, simulate_sequence, windows
 from stm_live.tip.evaluation import auroc, evaluate_tip, monitor_scan_file, stream
-from stm_live.tip.features import FEATURE_NAMES, features_of, prepare_row, row_features
+from stm_live.tip.features import FEATURE_NAMES, features_of, prepare_row
 from stm_live.tip.monitor import TipMonitor, TipStateMachine
 from stm_live.tip.training import epoch_batches
 
@@ -24,6 +24,11 @@ F = {name: i for i, name in enumerate(FEATURE_NAMES)}
 @pytest.fixture(scope="module")
 def classifier():
     return TipClassifier()
+
+
+def row_features(forward, backward, previous, pixel_nm):
+    """Features of a row (`previous`: the forward trace scanned before it), as the monitor reads them."""
+    return features_of(prepare_row(forward, backward), None if previous is None else prepare_row(previous), pixel_nm)
 
 
 def lattice_line(rng, n=256, period_px=8.0, noise=0.002):

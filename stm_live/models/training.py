@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stm_live.config import dataclass_from_toml
 from stm_live.drivers.scanfiles import read_scan_file
 from stm_live.engines.base import inferable_rows
 from stm_live.models.architecture import MaskedUNet
@@ -56,10 +55,6 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     threads: int = 2
-
-    @classmethod
-    def from_toml(cls, path: str | None) -> TrainConfig:
-        return dataclass_from_toml(cls, path)
 
 
 def random_mask(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:

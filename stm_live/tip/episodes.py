@@ -22,7 +22,7 @@ from stm_live.sim.frames import SimFrame, random_spec, simulate_frame
 from stm_live.sim.frames import simulate_sequence as simulate_frames
 from stm_live.sim.scan import TipScenario, TipSegment, acquisition_rows
 from stm_live.tip.classifier import WINDOW_ROWS, summarize, window_image
-from stm_live.tip.features import N_FEATURES, row_features
+from stm_live.tip.features import N_FEATURES, features_of, prepare_row
 
 TRAINING_SCENARIOS = {"good": 0.3, "blunt": 0.15, "multi": 0.2, "unstable": 0.15, "change": 0.2}
 CHANGE_ROWS = 2  # acquired rows from a tip change on that are labelled `changed`, whatever the stride
@@ -42,10 +42,10 @@ class RowSequence:
 
     def features(self) -> np.ndarray:
         """Each row's features against the row before it; the first row of a scan has none."""
-        out = np.empty((len(self.labels), N_FEATURES), np.float32)
-        for i in range(len(self.labels)):
-            previous = self.forward[i - 1] if i and i != self.seam else None
-            out[i] = row_features(self.forward[i], self.backward[i], previous, self.pixel_nm)
+        rows = [prepare_row(f, b) for f, b in zip(self.forward, self.backward)]
+        out = np.empty((len(rows), N_FEATURES), np.float32)
+        for i, row in enumerate(rows):
+            out[i] = features_of(row, rows[i - 1] if i and i != self.seam else None, self.pixel_nm)
         return out
 
     def continuing(self, previous: RowSequence) -> RowSequence:

@@ -140,8 +140,3 @@ def features_of(row: Row, previous: Row | None, pixel_nm: float) -> np.ndarray:
     out[9] = np.log10(pixel_nm)
     return out
 
-
-def row_features(forward: np.ndarray, backward: np.ndarray | None, previous: np.ndarray | None,
-                 pixel_nm: float) -> np.ndarray:
-    """Features of one row (finite heights in nm; `previous` is the forward trace of the row scanned before)."""
-    return features_of(prepare_row(forward, backward), None if previous is None else prepare_row(previous), pixel_nm)

@@ -162,7 +162,8 @@ class TipService:
         if monitor is None:
             s = self.settings
             monitor = self.monitors[start.instrument] = TipMonitor(
-                self.classifier, s.hop, s.enter, s.leave, s.confirm, s.clear, s.smoothing, s.kind_margin, s.kind_enter)
+                self.classifier, hop=s.hop, enter=s.enter, leave=s.leave, confirm=s.confirm, clear=s.clear,
+                smoothing=s.smoothing, kind_margin=s.kind_margin, kind_enter=s.kind_enter)
         monitor.start_scan(start.uid, info.pixel_nm, start.line_directions)
 
     def _line(self, msg: Line, columns: slice | np.ndarray) -> None:

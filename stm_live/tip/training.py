@@ -78,6 +78,11 @@ def _windows(cfg: TipTrainConfig, size: int, frames: int, validation_frames: int
     return data
 
 
+def frames_to_simulate(cfg: TipTrainConfig) -> int:
+    """The frames _window_sets simulates (or reads back from its caches): the progress total."""
+    return cfg.frames + cfg.validation_frames + (cfg.long_frames + cfg.long_validation_frames if cfg.long_frames else 0)
+
+
 def _window_sets(cfg: TipTrainConfig, progress: Callable[[int], None]) -> list[dict[str, np.ndarray]]:
     """One set of windows per line length: `size` (with the recorded scans), then `long_size`."""
     cache = Path(cfg.cache)
