@@ -1,6 +1,5 @@
 """Tip monitor: physical features, the state machine, the shipped classifier, conditioning policy."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -8,6 +7,7 @@ from scipy import ndimage
 
 from stm_live.config import ConditioningSettings
 from stm_live.protocol import TIP_STATES
+from stm_live.tip import features
 from stm_live.tip.classifier import CLEARLY_GOOD, WINDOW_ROWS, TipClassifier, window_image, window_of_rows
 from stm_live.tip.conditioning import ConditioningPolicy
 from stm_live.tip.episodes import rescan_windows, simulate_scans, simulate_sequence, windows
@@ -80,6 +80,44 @@ def test_the_monitor_reads_rows_prepared_once_as_training_read_them():
     trained = sequence.features()[span][1:]
     read = [features_of(row, previous, sequence.pixel_nm) for previous, row in zip(rows, rows[1:])]
     np.testing.assert_allclose(read, trained, rtol=1e-5, atol=1e-6)
+
+
+def _reference_kernels(line, noise):
+    """The compiled kernels' quantities in plain NumPy / SciPy, as features.py computed them before."""
+    def acf(values):
+        spectrum = np.fft.rfft(values, 2 * values.size)
+        out = np.fft.irfft(spectrum * np.conj(spectrum))[: values.size // 2]
+        return out / (out[0] + 1e-6)
+    spectrum = np.abs(np.fft.rfft(line)) ** 2
+    power = spectrum[1:]
+    k = int(np.argmax(power))
+    period = 0.0 if power[k] < 25 * np.median(power) + 1e-6 else line.size / (k + 1)
+    gradient_acf = acf(np.diff(line))
+    peaks = np.flatnonzero((gradient_acf[1:-1] > gradient_acf[:-2]) & (gradient_acf[1:-1] >= gradient_acf[2:])) + 1
+    peaks = peaks[peaks > 2]
+    if period:
+        ratio = peaks / period
+        peaks = peaks[(np.abs(ratio - np.round(ratio)) > 0.15) | (ratio < 0.5)]
+    ghost = max(float(gradient_acf[peaks].max()) if peaks.size else 0.0, 0.0)
+    residual = np.abs(line - ndimage.median_filter(line, size=5, mode="nearest"))
+    spikes = residual.max() / (1.4826 * np.median(residual) + 0.1 * noise + 1e-6)
+    return spectrum, acf(line), gradient_acf, period, ghost, spikes
+
+
+@pytest.mark.parametrize("n", [512, 256, 255, 17])
+def test_compiled_feature_kernels_compute_their_numpy_definitions(n):
+    rng = np.random.default_rng(n)
+    x = np.arange(n)
+    lines = [lattice_line(rng, n), rng.standard_normal(n), np.zeros(n),
+             np.cos(2 * np.pi * x / 9) + 0.7 * np.cos(2 * np.pi * (x - 5) / 9) + 0.3 * (x == n // 2)]
+    for line in lines:
+        spectrum, acf, gradient_acf, period, ghost, spikes = _reference_kernels(line, 0.01)
+        got = features._spectra(line)
+        for mine, theirs in zip(got, (spectrum, acf, gradient_acf)):
+            np.testing.assert_allclose(mine, theirs, rtol=1e-9, atol=1e-9)
+        assert features._period_px(got[0], n) == pytest.approx(period)
+        assert features._ghost(got[2], period) == pytest.approx(ghost, abs=1e-12)
+        assert features._spike_ratio(line, 0.01) == pytest.approx(spikes)
 
 
 def test_ghost_feature_sees_a_second_apex():

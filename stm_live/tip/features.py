@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numba
 import numpy as np
-from scipy import ndimage
 
 FEATURE_NAMES = ("disagreement", "row_correlation", "step", "roughness", "hf_fraction", "spikes",
                  "width_nm", "ghost", "corrugation_nm", "pixel_nm")
@@ -63,37 +63,66 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(da @ db / denominator) if denominator > 0 else 0.0
 
 
-def _autocorrelation(line: np.ndarray) -> np.ndarray:
-    spectrum = np.fft.rfft(line, 2 * line.size)
-    acf = np.fft.irfft(spectrum * np.conj(spectrum))[: line.size // 2]
-    return acf / (acf[0] + _EPS)
+def _spectra(line: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The line's power spectrum and the normalised autocorrelations (lags up to half the line) of
+    the line and of its gradient, from one forward and one inverse FFT of both, zero-padded to
+    twice the line: the padded transform at even frequencies is the line's own transform."""
+    n = line.size
+    padded = np.zeros((2, 2 * n))
+    padded[0, :n] = line
+    padded[1, :n - 1] = np.diff(line)
+    transform = np.fft.rfft(padded)
+    power = transform.real ** 2 + transform.imag ** 2
+    acf = np.fft.irfft(power)
+    return (power[0, ::2], acf[0, :n // 2] / (acf[0, 0] + _EPS),
+            acf[1, :(n - 1) // 2] / (acf[1, 0] + _EPS))
 
 
-def _period_px(spectrum: np.ndarray, size: int) -> float | None:
+@numba.njit(cache=True)
+def _period_px(spectrum: np.ndarray, size: int) -> float:
     """The lattice period in pixels of a line of `size` pixels with this power spectrum (rfft,
-    squared) when it has one clear peak, else None."""
+    squared) when it has one clear peak, else 0."""
     power = spectrum[1:]
-    k = int(np.argmax(power))
-    if power[k] < 25 * _median(power) + _EPS:
-        return None
+    k = np.argmax(power)
+    if power[k] < 25 * np.median(power) + _EPS:
+        return 0.0
     return size / (k + 1)
 
 
-def _width_and_ghost(line: np.ndarray, spectrum: np.ndarray, pixel_nm: float) -> tuple[float, float]:
-    """Half-width (nm) of the line's autocorrelation peak, and the strongest secondary peak of
-    the gradient's autocorrelation that is not at a multiple of the line's lattice period."""
-    acf = _autocorrelation(line)
-    below = np.flatnonzero(acf < 0.5)
-    width_px = float(below[0]) if below.size else float(acf.size)
-    gradient_acf = _autocorrelation(np.diff(line))
-    peaks = np.flatnonzero((gradient_acf[1:-1] > gradient_acf[:-2]) & (gradient_acf[1:-1] >= gradient_acf[2:])) + 1
-    peaks = peaks[peaks > 2]
-    period = _period_px(spectrum, line.size)
-    if period is not None:
-        ratio = peaks / period
-        peaks = peaks[(np.abs(ratio - np.round(ratio)) > 0.15) | (ratio < 0.5)]
-    ghost = float(gradient_acf[peaks].max()) if peaks.size else 0.0
-    return width_px * pixel_nm, max(ghost, 0.0)
+@numba.njit(cache=True)
+def _ghost(gradient_acf: np.ndarray, period: float) -> float:
+    """The strongest local maximum of the gradient's autocorrelation beyond lag 2 that is not at a
+    multiple of the lattice period (0: no lattice), at least 0."""
+    ghost = 0.0
+    for i in range(3, gradient_acf.size - 1):
+        value = gradient_acf[i]
+        if not (value > gradient_acf[i - 1] and value >= gradient_acf[i + 1]):
+            continue
+        if period > 0:
+            ratio = i / period
+            if abs(ratio - np.round(ratio)) <= 0.15 and ratio >= 0.5:
+                continue
+        ghost = max(ghost, value)
+    return ghost
+
+
+@numba.njit(cache=True)
+def _spike_ratio(line: np.ndarray, noise: float) -> float:
+    """The largest departure of the line from its 5-point running median (edges repeated), in units
+    of the departures' robust spread plus a tenth of the noise."""
+    n = line.size
+    residual = np.empty(n)
+    window = np.empty(5)
+    for i in range(n):
+        for k in range(5):  # insertion sort of the neighbourhood, in place
+            value = line[min(max(i + k - 2, 0), n - 1)]
+            j = k
+            while j > 0 and window[j - 1] > value:
+                window[j] = window[j - 1]
+                j -= 1
+            window[j] = value
+        residual[i] = abs(line[i] - window[2])
+    return residual.max() / (1.4826 * np.median(residual) + 0.1 * noise + _EPS)
 
 
 @dataclass(frozen=True)
@@ -129,13 +158,13 @@ def features_of(row: Row, previous: Row | None, pixel_nm: float) -> np.ndarray:
         out[1] = _correlation(f, previous.forward)
         out[2] = np.log1p(abs(row.level_nm - previous.level_nm) / (noise + spread))
     out[3] = np.log10(noise)
-    spectrum = np.abs(np.fft.rfft(f)) ** 2
+    spectrum, acf, gradient_acf = _spectra(f)
     out[4] = spectrum[spectrum.size // 2:].sum() / (spectrum[1:].sum() + _EPS)
-    residual = f - ndimage.median_filter(f, size=5, mode="nearest")
-    out[5] = np.log1p(np.abs(residual).max() / (1.4826 * _median(np.abs(residual)) + 0.1 * noise + _EPS))
-    width_nm, ghost = _width_and_ghost(f, spectrum, pixel_nm)
-    out[6] = np.log10(width_nm + _EPS)
-    out[7] = ghost
+    out[5] = np.log1p(_spike_ratio(f, noise))
+    below = np.flatnonzero(acf < 0.5)
+    width_px = float(below[0]) if below.size else float(acf.size)
+    out[6] = np.log10(width_px * pixel_nm + _EPS)
+    out[7] = _ghost(gradient_acf, _period_px(spectrum, f.size))
     out[8] = np.log10(spread)
     out[9] = np.log10(pixel_nm)
     return out
