@@ -23,7 +23,7 @@ import numpy as np
 
 from stm_live.protocol import TipAlert, TipReport
 from stm_live.tip.classifier import WINDOW_ROWS, TipClassifier, summarize, window_of_rows
-from stm_live.tip.features import FEATURE_NAMES, Row, features_of, prepare_row
+from stm_live.tip.features import FEATURE_NAMES, Row, compile_kernels, features_of, prepare_row
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,7 @@ class TipMonitor:
         self.scans: dict[str, _ScanRows] = {}
         self._last: _ScanRows | None = None  # the last scan ended, whose rows a continuing scan reads on from
         self.counters = {"tip_rows": 0, "tip_windows": 0, "tip_alerts": 0, "tip_rows_skipped": 0}
+        compile_kernels()
 
     @property
     def state(self) -> str:
