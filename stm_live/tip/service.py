@@ -24,6 +24,7 @@ from stm_live.protocol import ActionReport, Line, Message
 from stm_live.security import LOOPBACK_ONLY, Security
 from stm_live.tip.classifier import TipClassifier
 from stm_live.tip.conditioning import ConditioningPolicy
+from stm_live.tip.features import compile_kernels
 from stm_live.tip.monitor import TipMonitor
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class TipService:
         self.settings = settings
         self.sink = sink
         self.classifier = classifier or TipClassifier()
+        compile_kernels()  # at the daemon's start, not when the first scan's monitor is built
         self.policy = ConditioningPolicy(conditioning) if conditioning.enabled else None
         self.actions = (ActionClient(conditioning.endpoint, conditioning.request_timeout_s, security=security)
                         if conditioning.enabled else None)
