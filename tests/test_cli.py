@@ -5,8 +5,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
-from stm_live.bench import bench_e2e, bench_infer, bench_ingest
+from stm_live.bench import bench_e2e, bench_infer, bench_ingest, bench_tip
 from stm_live.config import Settings
 from stm_live.demo import free_tcp_endpoint
 from stm_live.protocol import TIP_STATES
@@ -64,6 +65,16 @@ def test_bench_ingest_counts_every_line():
     result = bench_ingest(Settings(), lines=4000, cols=128, channels=2)
     assert result["dropped"] == 0 and result["lines_received"] == 4000
     assert result["lines_per_s"] > 0 and result["machine"]["cores"] >= 1
+
+
+def test_bench_tip_times_rows_with_and_without_a_classification_apart():
+    result = bench_tip(cols=128, rows=128, hop=2)
+    assert result["windows"] == (128 - 32) // 2 + 1
+    per_line = result["per_line_ms"]
+    assert per_line["mean_rows_with_classification"] > per_line["mean_rows_without_classification"] > 0
+    with_share = result["windows"] / result["rows"]
+    assert per_line["mean"] == pytest.approx(with_share * per_line["mean_rows_with_classification"]
+                                             + (1 - with_share) * per_line["mean_rows_without_classification"], rel=1e-3)
 
 
 def test_bench_infer_and_e2e_report_latency_and_throughput():
