@@ -170,8 +170,10 @@ def features_of(row: Row, previous: Row | None, pixel_nm: float) -> np.ndarray:
     return out
 
 
+@lru_cache(maxsize=1)
 def compile_kernels() -> None:
-    """Compile the numba kernels now (or load them from numba's cache): the first call takes
-    seconds (7 s here uncached, 0.5 s cached), which the monitor must not spend on a scanned line."""
+    """Compile the numba kernels now (or load them from numba's cache), once per process: the
+    first call takes seconds (7 s here uncached, 0.5 s cached), which the monitor must not spend
+    on a scanned line."""
     row = prepare_row(np.linspace(0.0, 1.0, 16) ** 2)
     features_of(row, row, 0.1)
