@@ -238,11 +238,12 @@ def bench_e2e(settings: Settings, engine: str = "model", frames: int = 2, size: 
     }
 
 
-def bench_tip(cols: int = 512, rows: int = 512, hop: int = 2, threads: int = 1, tip: str = "good") -> dict[str, Any]:
+def bench_tip(cols: int = 512, rows: int = 512, hop: int = 3, threads: int = 1, tip: str = "good",
+              event_mads: float = 8.0) -> dict[str, Any]:
     """The tip monitor's cost per line: features on every row, the classifier every `hop` rows,
     on simulated Si(111)-7x7 rows of `cols` pixels (forward and backward traces) imaged by a
     `tip` (good, blunt, multi) tip. Rows with and without a classification are also averaged
-    apart: with hop 2 half the rows classify, so the median falls between the two kinds."""
+    apart: with hop 3 a third of the rows classify (more where rows stand out)."""
     from stm_live.sim.frames import random_spec, simulate_frame
     from stm_live.tip.classifier import TipClassifier
     from stm_live.tip.monitor import TipMonitor
@@ -250,7 +251,7 @@ def bench_tip(cols: int = 512, rows: int = 512, hop: int = 2, threads: int = 1, 
     rng = np.random.default_rng(0)
     z = simulate_frame(random_spec(rng, cols, surface="si111_7x7", scenario=tip), rng).measurement.z
     classifier = TipClassifier(threads=threads)
-    monitor = TipMonitor(classifier, hop=hop)
+    monitor = TipMonitor(classifier, hop=hop, event_mads=event_mads)
     per_row, classified = [], []
     for repeat in range(max(1, rows // cols)):
         uid = f"bench-{repeat}"
@@ -265,7 +266,8 @@ def bench_tip(cols: int = 512, rows: int = 512, hop: int = 2, threads: int = 1, 
         monitor.end_scan(uid)
     per_line_ms = np.asarray(per_row) * 1e3 / 2
     classified_rows = np.asarray(classified)
-    return {"benchmark": "tip", "cols": cols, "rows": len(per_row), "hop": hop, "classifier_threads": threads, "tip": tip,
+    return {"benchmark": "tip", "cols": cols, "rows": len(per_row), "hop": hop, "event_mads": event_mads,
+            "classifier_threads": threads, "tip": tip,
             "windows": monitor.counters["tip_windows"], "windows_read_with_mirror_image": classifier.mirrored,
             "per_line_ms": {"mean": round(float(per_line_ms.mean()), 4),
                             "p50": round(float(np.percentile(per_line_ms, 50)), 4),

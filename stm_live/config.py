@@ -220,7 +220,10 @@ class SecuritySettings(_Section):
 class TipSettings(_Section):
     enabled: bool = Field(True, description="score every line for tip degradation and publish tip/alert messages")
     channel: str = Field("Z", description="height channel (unit m) the monitor reads")
-    hop: int = Field(2, ge=1, description="classify the window every hop rows")
+    hop: int = Field(3, ge=1, description="classify the window every hop rows")
+    event_mads: float = Field(8.0, ge=0, description="also classify on a row whose step, disagreement, row "
+                              "correlation or spike score lies this many median absolute deviations from the "
+                              "window's rows before it (0: only every hop rows)")
     enter: float = Field(0.95, gt=0, lt=1, description="P(degraded) the belief must reach to count against the tip")
     leave: float = Field(0.3, gt=0, lt=1, description="P(degraded) below which a window counts for recovery")
     confirm: int = Field(5, ge=1, description="windows in a row to confirm a degradation")

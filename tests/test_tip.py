@@ -222,13 +222,43 @@ def test_the_classifier_runs_the_trained_network(classifier):
 
 def test_monitor_classifies_every_hop_rows_once_it_has_enough_rows(classifier):
     sequence = simulate_sequence(4242, 0, 128, scenario="good", stride=1)
-    monitor = TipMonitor(classifier, hop=4)
+    monitor = TipMonitor(classifier, hop=4, event_mads=0)
     readings, _ = stream(monitor, sequence, "scan")
     first = WINDOW_ROWS
     assert [i for i, _, _ in readings][:3] == [first - 1, first + 3, first + 7]
     assert monitor.counters["tip_rows"] == 128
     for _, window, belief in readings:
         assert window.sum() == pytest.approx(1.0, abs=1e-3) and belief.sum() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_row_that_stands_out_is_read_between_scheduled_windows(classifier):
+    """A tip change is read on the row it shows in, not at the next scheduled window, and the
+    window read there calls it a change."""
+    before, after = simulate_scans(4242, 3, 128, scenario="change", stride=1, before=1)
+    assert after.change_at is not None
+    scheduled = TipMonitor(classifier, hop=1000, event_mads=0)
+    stream(scheduled, before, "before")
+    assert stream(scheduled, after, "after")[0] == []
+    monitor = TipMonitor(classifier, hop=1000)
+    stream(monitor, before, "before")
+    readings, alerts = stream(monitor, after, "after")
+    read_rows = [i for i, _, _ in readings]
+    assert set(read_rows) & {after.change_at, after.change_at + 1}
+    assert len(read_rows) < len(after.labels) // 4
+    assert (after.change_at <= alerts[0][0] <= after.change_at + 1) and alerts[0][1] == "changed"
+
+
+def test_stands_out_reads_the_newest_row_against_the_window():
+    rng = np.random.default_rng(0)
+    window = list(rng.normal(size=(WINDOW_ROWS, len(FEATURE_NAMES))))
+    assert not features.stands_out(window, 8.0)
+    for name in ("step", "disagreement", "row_correlation", "spikes"):
+        odd = window[:-1] + [window[-1].copy()]
+        odd[-1][FEATURE_NAMES.index(name)] += 10.0
+        assert features.stands_out(odd, 8.0) and not features.stands_out(odd, 40.0)
+    quiet = window[:-1] + [window[-1].copy()]
+    quiet[-1][FEATURE_NAMES.index("roughness")] += 10.0  # not a sign of a tip change
+    assert not features.stands_out(quiet, 8.0)
 
 
 def test_monitor_skips_lines_it_cannot_read(classifier):
@@ -263,7 +293,7 @@ def test_a_rescan_is_read_from_its_first_row_as_trained(classifier):
     """The window carries on from the scan before: what the monitor gives the classifier at the
     start of a rescan is what training gave it (rescan_windows)."""
     before, rescan = simulate_scans(4242, 2, 128, scenario="multi", stride=2, before=1)
-    monitor = TipMonitor(classifier, hop=2)
+    monitor = TipMonitor(classifier, hop=2, event_mads=0)
     stream(monitor, before, "before")
     readings, _ = stream(monitor, rescan, "rescan")
     ends = np.array([i for i, _, _ in readings[:4]])
@@ -427,7 +457,7 @@ def test_episode_tip_degrades_and_stays_degraded_until_conditioned():
 @pytest.mark.skipif(not (REAL / "Si_7x7_051.sxm").exists(), reason="real scans not present in ../shared/data/real")
 def test_monitor_runs_over_a_recorded_scan(classifier):
     result = monitor_scan_file(REAL / "Si_7x7_051.sxm", classifier)
-    assert result["rows"] == 256 and result["windows"] == (256 - WINDOW_ROWS) // 2 + 1
+    assert result["rows"] == 256 and (256 - WINDOW_ROWS) // 3 + 1 <= result["windows"] < (256 - WINDOW_ROWS) // 2
     assert len(result["state"]) == 256 and all(s in TIP_STATES for s in result["state"][WINDOW_ROWS:])
     assert result["rows_flagged"] == sum(b - a + 1 for a, b in result["flagged_ranges"])
 

@@ -150,8 +150,8 @@ def _alerted(first_alerts: dict[str, list[tuple[int, str] | None]]) -> dict:
     return out
 
 
-def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1, hop: int = 2,
-                 progress: Callable[[int], None] = lambda n: None, size: int = 256) -> dict:
+def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1, hop: int = 3,
+                 progress: Callable[[int], None] = lambda n: None, size: int = 256, event_mads: float = 8.0) -> dict:
     scores: list[np.ndarray] = []
     beliefs: list[np.ndarray] = []
     labels: list[int] = []
@@ -168,7 +168,7 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
         around = 1 if scenario == "change" else 0
         for k, scans in enumerate(evaluation_sequences(EVALUATION_SEED, episodes, scenario, size, stride,
                                                        visibility=True, before=around, after=around)):
-            monitor = TipMonitor(classifier, hop=hop)
+            monitor = TipMonitor(classifier, hop=hop, event_mads=event_mads)
             if around:
                 stream(monitor, scans[0], f"{scenario}-{k}-before")
             sequence = scans[around]
@@ -196,7 +196,7 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
             if caught:
                 next_scan_delays.append(len(sequence.labels) - sequence.change_at + caught[0])
 
-    clean_monitor = TipMonitor(classifier, hop=hop)
+    clean_monitor = TipMonitor(classifier, hop=hop, event_mads=event_mads)
     false_alerts: list[dict] = []
     clean_frames = 0
     for k, scans in enumerate(evaluation_sequences(EVALUATION_SEED + 1, episodes, "good", size, stride,
@@ -215,7 +215,7 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
     belief = np.array(beliefs)
     in_window, since_degraded = np.array(visible).T
     return {
-        "episodes_per_scenario": episodes, "size": size, "stride": stride, "hop": hop, "windows": int(len(y)),
+        "episodes_per_scenario": episodes, "size": size, "stride": stride, "hop": hop, "event_mads": event_mads, "windows": int(len(y)),
         "window_counts": {state: int((y == c).sum()) for c, state in enumerate(TIP_STATES)},
         "monitor": _aurocs(belief, y), "single_window": _aurocs(np.array(scores), y),
         "whole_frames": _whole_frames(frames),
@@ -236,7 +236,8 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
     }
 
 
-def monitor_scan_file(path: str | Path, classifier: TipClassifier, hop: int = 2, channel: str = "Z") -> dict:
+def monitor_scan_file(path: str | Path, classifier: TipClassifier, hop: int = 3, channel: str = "Z",
+                      event_mads: float = 8.0) -> dict:
     """Run the monitor over a recorded scan in acquisition order; per row, the state it published."""
     scan = read_scan_file(path)
     data = next((c for c in scan.channels if c.name == channel), None)
@@ -245,7 +246,7 @@ def monitor_scan_file(path: str | Path, classifier: TipClassifier, hop: int = 2,
     forward = data.forward.astype(np.float64) * 1e9
     backward = data.backward.astype(np.float64) * 1e9 if data.backward is not None else forward
     rows, cols = forward.shape
-    monitor = TipMonitor(classifier, hop=hop)
+    monitor = TipMonitor(classifier, hop=hop, event_mads=event_mads)
     directions = ("forward", "backward") if data.backward is not None else ("forward",)
     uid = Path(path).stem
     monitor.start_scan(uid, scan.size_nm[0] / cols, directions)

@@ -16,6 +16,7 @@ Values are compressed (logarithms, bounded ratios) so that a classifier sees com
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -168,6 +169,20 @@ def features_of(row: Row, previous: Row | None, pixel_nm: float) -> np.ndarray:
     out[8] = np.log10(spread)
     out[9] = np.log10(pixel_nm)
     return out
+
+
+EVENT_FEATURES = [FEATURE_NAMES.index(n) for n in ("step", "disagreement", "row_correlation", "spikes")]
+
+
+def stands_out(window_features: Sequence[np.ndarray], mads: float) -> bool:
+    """Whether the newest row's step, disagreement, row correlation or spike score lies more than
+    `mads` median absolute deviations from the rows before it in the window: what the first rows
+    after a tip change look like, read at once rather than at the next scheduled window."""
+    values = np.array(window_features)[:, EVENT_FEATURES]
+    before, newest = values[:-1], values[-1]
+    median = np.median(before, axis=0)
+    spread = np.median(np.abs(before - median), axis=0) + 1e-12
+    return bool((np.abs(newest - median) > mads * spread).any())
 
 
 @lru_cache(maxsize=1)

@@ -1,8 +1,9 @@
 """The tip monitor: every row scored, every window classified, alerts only on confirmed transitions.
 
 Rows arrive as lines (forward and backward). Once both traces of a row are in, the row's
-physical features are computed against the row scanned before it; every `hop` rows, the last
-WINDOW_ROWS rows are classified. The published state changes only through a state machine with
+physical features are computed against the row scanned before it; every `hop` rows, and on any
+row that stands out from the rows before it (a tip change under way), the last WINDOW_ROWS rows
+are classified. The published state changes only through a state machine with
 hysteresis on the filtered evidence: P(degraded) must stay above `enter` for `confirm` windows
 in a row to leave `good`, and below `leave` for `clear` windows to return, so one noisy line
 raises nothing; a tip change is announced from one window. The tip is a property of the
@@ -23,7 +24,7 @@ import numpy as np
 
 from stm_live.protocol import TipAlert, TipReport
 from stm_live.tip.classifier import WINDOW_ROWS, TipClassifier, summarize, window_of_rows
-from stm_live.tip.features import FEATURE_NAMES, Row, compile_kernels, features_of, prepare_row
+from stm_live.tip.features import FEATURE_NAMES, Row, compile_kernels, features_of, prepare_row, stands_out
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +133,12 @@ class _ScanRows:
 class TipMonitor:
     """Per-scan row windows, one classifier, one state machine (the instrument's tip)."""
 
-    def __init__(self, classifier: TipClassifier, hop: int = 2, enter: float = 0.95, leave: float = 0.3,
+    def __init__(self, classifier: TipClassifier, hop: int = 3, enter: float = 0.95, leave: float = 0.3,
                  confirm: int = 5, clear: int = 4, smoothing: float = 0.1, kind_margin: float = 0.3,
-                 kind_enter: float = 0.9) -> None:
+                 kind_enter: float = 0.9, event_mads: float = 8.0) -> None:
         self.classifier = classifier
         self.hop = hop
+        self.event_mads = event_mads
         self.machine = TipStateMachine(classifier.classes, enter, leave, confirm, clear, smoothing, kind_margin,
                                        kind_enter)
         self.scans: dict[str, _ScanRows] = {}
@@ -197,9 +199,13 @@ class TipMonitor:
         scan.rows += 1
         scan.filled += 1
         self.counters["tip_rows"] += 1
-        if scan.filled < WINDOW_ROWS or (scan.filled - WINDOW_ROWS) % self.hop:
+        if scan.filled < WINDOW_ROWS or ((scan.filled - WINDOW_ROWS) % self.hop and not self._event(scan)):
             return None, None
         return self._classify(uid, row, scan, features)
+
+    def _event(self, scan: _ScanRows) -> bool:
+        """A row between scheduled windows that stands out (a tip change under way) is read at once."""
+        return self.event_mads > 0 and stands_out(scan.features, self.event_mads)
 
     def _classify(self, uid: str, row: int, scan: _ScanRows, features: np.ndarray
                   ) -> tuple[TipReport, TipAlert | None]:

@@ -165,7 +165,7 @@ class TipService:
             s = self.settings
             monitor = self.monitors[start.instrument] = TipMonitor(
                 self.classifier, hop=s.hop, enter=s.enter, leave=s.leave, confirm=s.confirm, clear=s.clear,
-                smoothing=s.smoothing, kind_margin=s.kind_margin, kind_enter=s.kind_enter)
+                smoothing=s.smoothing, kind_margin=s.kind_margin, kind_enter=s.kind_enter, event_mads=s.event_mads)
         monitor.start_scan(start.uid, info.pixel_nm, start.line_directions)
 
     def _line(self, msg: Line, columns: slice | np.ndarray) -> None:
