@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from stm_live.config import Settings
+from stm_live.config import Settings, TipSettings
 from stm_live.daemon import Daemon
 from stm_live.demo import free_tcp_endpoint
 from stm_live.machine import machine
@@ -238,8 +238,8 @@ def bench_e2e(settings: Settings, engine: str = "model", frames: int = 2, size: 
     }
 
 
-def bench_tip(cols: int = 512, rows: int = 512, hop: int = 3, threads: int = 1, tip: str = "good",
-              event_mads: float = 8.0) -> dict[str, Any]:
+def bench_tip(cols: int = 512, rows: int = 512, hop: int = TipSettings().hop, threads: int = 1, tip: str = "good",
+              event_mads: float = TipSettings().event_mads) -> dict[str, Any]:
     """The tip monitor's cost per line: features on every row, the classifier every `hop` rows,
     on simulated Si(111)-7x7 rows of `cols` pixels (forward and backward traces) imaged by a
     `tip` (good, blunt, multi) tip. Rows with and without a classification are also averaged

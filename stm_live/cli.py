@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from stm_live.config import ConfigError, Settings, dataclass_from_toml, load_settings, settings_as_toml
+from stm_live.config import ConfigError, Settings, TipSettings, dataclass_from_toml, load_settings, settings_as_toml
 from stm_live.fuzz import TARGETS as FUZZ_TARGETS
 from stm_live.security import SecurityError
 
@@ -220,16 +220,19 @@ def cmd_eval_tip(args: argparse.Namespace) -> int:
     from stm_live.tip.evaluation import evaluate_tip, monitor_scan_file, plot_scan_files
 
     logging.getLogger("stm_live.tip.monitor").setLevel(logging.ERROR)
+    schedule = _tip_schedule(args)
     classifier = TipClassifier(Path(args.weights)) if args.weights else TipClassifier()
     if args.real:
-        results = [monitor_scan_file(path, classifier, args.hop, event_mads=args.event_mads) for path in args.real]
+        results = [monitor_scan_file(path, classifier, schedule.hop, event_mads=schedule.event_mads)
+                   for path in args.real]
         if args.plot:
             plot_scan_files(results, args.plot)
         hidden = ("image", "state", "p_degraded")
         _print_json({"scans": [{k: v for k, v in r.items() if k not in hidden} for r in results]}, args.json)
         return 0
     with tqdm(total=5 * args.episodes, unit="episode", desc="evaluating") as bar:
-        result = evaluate_tip(classifier, args.episodes, args.stride, args.hop, bar.update, args.size, args.event_mads)
+        result = evaluate_tip(classifier, args.episodes, args.stride, schedule.hop, bar.update, args.size,
+                              schedule.event_mads)
     _print_json(result, args.json)
     return 0
 
@@ -359,8 +362,14 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
 def cmd_bench_tip(args: argparse.Namespace) -> int:
     from stm_live.bench import bench_tip
 
-    _print_json(bench_tip(args.cols, args.rows, args.hop, args.threads, args.tip, args.event_mads), args.json)
+    schedule = _tip_schedule(args)
+    _print_json(bench_tip(args.cols, args.rows, schedule.hop, args.threads, args.tip, schedule.event_mads), args.json)
     return 0
+
+
+def _tip_schedule(args: argparse.Namespace) -> TipSettings:
+    """When the monitor reads a window, as the daemon would (config, env), unless --hop / --event-mads say otherwise."""
+    return _settings(args, {"tip": {"hop": args.hop, "event_mads": args.event_mads}}).tip
 
 
 def cmd_bench_view(args: argparse.Namespace) -> int:
@@ -501,9 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-tip", help="`stm-live eval tip`: tip monitor AUROC, delay, false alerts on simulator episodes")
     p.add_argument("--episodes", type=int, default=100, help="episodes per tip scenario")
     p.add_argument("--stride", type=int, default=1, help="monitor every stride-th row (a lines:K scan)")
-    p.add_argument("--hop", type=int, default=3, help="classify every hop rows")
-    p.add_argument("--event-mads", type=float, default=8.0,
-                   help="also classify a row that stands out by this many median absolute deviations (0: off)")
+    p.add_argument("--hop", type=int, help="classify every hop rows (default: tip.hop)")
+    p.add_argument("--event-mads", type=float, help="also classify a row that stands out by this many median "
+                   "absolute deviations, 0: off (default: tip.event_mads)")
     p.add_argument("--size", type=int, default=256, help="pixels per line and lines per simulated frame")
     p.add_argument("--real", nargs="+", help="instead: run the monitor over these recorded scans (.sxm, .sm4, ...)")
     p.add_argument("--plot", help="with --real: write a figure of the rows the monitor flags")
@@ -624,8 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and on rows that stand out)")
     b.add_argument("--cols", type=int, default=512)
     b.add_argument("--rows", type=int, default=1024)
-    b.add_argument("--hop", type=int, default=3)
-    b.add_argument("--event-mads", type=float, default=8.0)
+    b.add_argument("--hop", type=int, help="default: tip.hop")
+    b.add_argument("--event-mads", type=float, help="default: tip.event_mads")
     b.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for the classifier")
     b.add_argument("--tip", choices=("good", "blunt", "multi"), default="good",
                    help="the simulated tip: windows a good tip leaves in no doubt take one classifier pass, "

@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stm_live.config import TipSettings
 from stm_live.protocol import TipAlert, TipReport
 from stm_live.tip.classifier import WINDOW_ROWS, TipClassifier, summarize, window_of_rows
 from stm_live.tip.features import FEATURE_NAMES, Row, compile_kernels, features_of, prepare_row, stands_out
 
 log = logging.getLogger(__name__)
+SCHEDULE = TipSettings()  # when windows are read, by default: `tip.hop`, `tip.event_mads`
 
 GOOD = "good"
 CHANGED = "changed"
@@ -133,9 +135,9 @@ class _ScanRows:
 class TipMonitor:
     """Per-scan row windows, one classifier, one state machine (the instrument's tip)."""
 
-    def __init__(self, classifier: TipClassifier, hop: int = 3, enter: float = 0.95, leave: float = 0.3,
+    def __init__(self, classifier: TipClassifier, hop: int = SCHEDULE.hop, enter: float = 0.95, leave: float = 0.3,
                  confirm: int = 5, clear: int = 4, smoothing: float = 0.1, kind_margin: float = 0.3,
-                 kind_enter: float = 0.9, event_mads: float = 8.0) -> None:
+                 kind_enter: float = 0.9, event_mads: float = SCHEDULE.event_mads) -> None:
         self.classifier = classifier
         self.hop = hop
         self.event_mads = event_mads
