@@ -57,6 +57,14 @@ class Reconstructor(ABC):
     def reconstruct(self, measured: np.ndarray, mask: np.ndarray) -> Reconstruction: ...
 
 
+def _writable(array: np.ndarray, dtype: np.dtype, measured: np.ndarray) -> np.ndarray:
+    """The engine's own array when it may be completed in place (right type, writable, not the
+    measurement itself), else a copy: a batch of frames is not copied for nothing."""
+    if array.dtype == dtype and array.flags.writeable and not np.may_share_memory(array, measured):
+        return array
+    return array.astype(dtype)
+
+
 def reconstruct_exact(engine: Reconstructor, measured: np.ndarray, mask: np.ndarray) -> Reconstruction:
     """Run an engine and return frames in the measurement's dtype with measured pixels untouched."""
     if measured.ndim != 3 or measured.shape != mask.shape:
@@ -64,10 +72,10 @@ def reconstruct_exact(engine: Reconstructor, measured: np.ndarray, mask: np.ndar
     result = engine.reconstruct(measured, mask)
     if result.images.shape != measured.shape:
         raise EngineError(f"{engine.name} returned shape {result.images.shape} for {measured.shape}")
-    images = result.images.astype(measured.dtype, copy=True)
-    images[mask] = measured[mask]
+    images = _writable(result.images, measured.dtype, measured)
+    np.copyto(images, measured, where=mask)
     uncertainty = result.uncertainty
     if uncertainty is not None:
-        uncertainty = uncertainty.astype(np.float32, copy=True)
-        uncertainty[mask] = 0.0
+        uncertainty = _writable(uncertainty, np.float32, measured)
+        np.copyto(uncertainty, 0.0, where=mask)
     return Reconstruction(images, uncertainty, result.method or engine.name)

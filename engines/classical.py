@@ -19,7 +19,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-from scipy.interpolate import CloughTocher2DInterpolator, CubicSpline, LinearNDInterpolator, RectBivariateSpline
+from scipy.interpolate import CloughTocher2DInterpolator, CubicSpline, LinearNDInterpolator, make_interp_spline
 from skimage.restoration import inpaint_biharmonic
 
 from stm_live.engines.base import Reconstruction, Reconstructor, inferable_rows
@@ -36,14 +36,14 @@ def spline_rows(image: np.ndarray, rows: np.ndarray, degree: int = 3,
     `span` (default: every row; edges held). Measured rows are returned as they are."""
     top, bottom = span or (0, image.shape[0])
     rows = np.asarray(rows, dtype=np.intp)
-    missing, weights = _row_spline_weights(rows.tobytes(), top, bottom, degree)
+    missing, weights = row_spline_weights(rows.tobytes(), top, bottom, degree)
     out = image[top:bottom].copy()
     out[missing - top] = weights @ image[rows]
     return out
 
 
 @lru_cache(maxsize=256)
-def _row_spline_weights(rows_key: bytes, top: int, bottom: int, degree: int) -> tuple[np.ndarray, np.ndarray]:
+def row_spline_weights(rows_key: bytes, top: int, bottom: int, degree: int) -> tuple[np.ndarray, np.ndarray]:
     """The unmeasured rows in [top, bottom) and the (unmeasured x measured rows) weights that fill them.
 
     A spline is linear in the values it passes through, so filling every column is one matrix
@@ -68,13 +68,23 @@ def _row_spline_weights(rows_key: bytes, top: int, bottom: int, degree: int) -> 
 
 
 def spline_grid(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, degree: int = 3) -> np.ndarray:
-    """Tensor spline of the given degree over a measured grid, on the full frame (edges held)."""
-    grid = image[np.ix_(rows, cols)]
-    row_degree, col_degree = min(degree, rows.size - 1), min(degree, cols.size - 1)
-    if row_degree < 1 or col_degree < 1:
-        return np.broadcast_to(grid.mean(), image.shape).copy()
-    spline = RectBivariateSpline(rows, cols, grid, kx=row_degree, ky=col_degree)
-    return spline(_held(rows, image.shape[0]), _held(cols, image.shape[1]))
+    """Tensor spline of the given degree over a measured grid, on the full frame (edges held):
+    the interpolating spline along each axis (not-a-knot, as FITPACK's), one matrix per axis."""
+    row_weights = grid_axis_weights(np.asarray(rows, dtype=np.intp).tobytes(), image.shape[0], degree)
+    col_weights = grid_axis_weights(np.asarray(cols, dtype=np.intp).tobytes(), image.shape[1], degree)
+    return row_weights @ image[np.ix_(rows, cols)] @ col_weights.T
+
+
+@lru_cache(maxsize=256)
+def grid_axis_weights(points_key: bytes, size: int, degree: int) -> np.ndarray:
+    """(size x measured points) weights of the interpolating spline of degree min(degree, points - 1)
+    through the measured points of one axis, at 0..size-1 held to the measured span. Like the
+    row weights, it depends only on where the grid was measured, so it is built once per grid."""
+    points = np.frombuffer(points_key, dtype=np.intp)
+    if points.size == 1:
+        return np.ones((size, 1))
+    spline = make_interp_spline(points, np.eye(points.size), k=min(degree, points.size - 1))
+    return spline(_held(points, size))
 
 
 def biharmonic(image: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -3,7 +3,9 @@
 Per frame: normalise from the measured pixels (plane and spread), pad to the network's size
 multiple, infer mean and log-variance, map back to physical units. The uncertainty is the
 predicted standard deviation (0 at measured pixels once `reconstruct_exact` restores them).
-Rows beyond the scanned span stay NaN, as with the classical engine.
+Rows beyond the scanned span stay NaN, as with the classical engine. All of it runs batched in
+torch on the runner's device: on a GPU only the measurement and its mask go up and the frames
+and their uncertainty come down.
 
 The stochastic reconstructions of localization maps (stm_live.localize.locmap) run through this
 engine like any other: N perturbed copies of the measurement in one batch.
@@ -16,15 +18,18 @@ from __future__ import annotations
 
 import logging
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from stm_live.engines.base import EngineError, Reconstruction, Reconstructor, inferable_rows, serial_blas
+from stm_live.engines.cuda_graphs import GraphCache
 from stm_live.engines.runners import BACKENDS, Runner, RunnerOptions, backend_chain
 from stm_live.models.architecture import INPUTS, MIN_SIZE, SIZE_MULTIPLE
-from stm_live.models.normalize import fit_transform, network_input
+from stm_live.models.normalize import DeviceSteps, Planes, network_input, normalise, summarize
 from stm_live.models.weights import DEFAULT_WEIGHTS, load_model
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,10 @@ class ModelReconstructor(Reconstructor):
         self.chain = list(backend_chain(backend))
         self.runner: Runner | None = None
         self._next_runner()
+        graphs = self.options.cuda_graphs  # device work around the network, replayed like it
+        self._steps = DeviceSteps(GraphCache(summarize, graphs), GraphCache(normalise, graphs))
+        self._finishers = {precision: GraphCache(partial(finish, precision=precision), graphs)
+                           for precision in (torch.float32, torch.float64)}
 
     def _next_runner(self) -> None:
         while self.chain:
@@ -58,46 +67,65 @@ class ModelReconstructor(Reconstructor):
     def backend(self) -> str:
         return self.runner.name
 
-    def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _infer(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 2, H, W) mean and log-variance on the batch's device, whichever runner served it."""
         height, width = batch.shape[-2:]
         pad_h = max(MIN_SIZE, height + (-height % SIZE_MULTIPLE)) - height
         pad_w = max(MIN_SIZE, width + (-width % SIZE_MULTIPLE)) - width
-        padded = np.pad(batch, ((0, 0), (0, 0), (0, pad_h), (0, pad_w))) if pad_h or pad_w else batch
+        padded = F.pad(batch, (0, pad_w, 0, pad_h)) if pad_h or pad_w else batch
         while True:
             try:
-                out = self.runner.infer(padded)[..., :height, :width]
+                out = self.runner.infer(padded.to(self.runner.device))[..., :height, :width]
                 break
             except Exception:
                 log.exception("backend %s failed; switching to the next one", self.runner.name)
                 self.runner.deactivate()
                 self._next_runner()
-        return out[:, 0], out[:, 1]
+        return out.to(batch.device)
 
     def reconstruct(self, measured: np.ndarray, mask: np.ndarray) -> Reconstruction:
-        with serial_blas():
+        with serial_blas(), torch.inference_mode():
             return self._reconstruct(measured, mask)
 
     def _reconstruct(self, measured: np.ndarray, mask: np.ndarray) -> Reconstruction:
-        """The network runs on the rows any frame of the batch can be inferred in (a frame still
-        being scanned costs in proportion to what has been scanned) and on the columns around
-        the measured ones (a batcher's padding is mostly left out); the rest stays NaN."""
-        spans = [inferable_rows(k) for k in mask]
-        top, bottom = min(s[0] for s in spans), max(s[1] for s in spans)
+        """Only the rows a frame of the batch can be inferred in (its measured span plus one row
+        spacing) and the columns around the measured ones get values; the rest stays NaN. A CPU
+        runner computes just that window (a frame still being scanned costs in proportion to
+        what has been scanned, a batcher's padding is mostly left out); a runner for which each
+        new shape costs a capture or rebuild (`fixed_shapes`) computes whole frames."""
+        spans = np.array([inferable_rows(k) for k in mask])
+        top, bottom = int(spans[:, 0].min()), int(spans[:, 1].max())
         left, right = inferable_rows(mask.any(axis=0).T)
-        images = np.full(measured.shape, np.nan)
-        uncertainty = np.full(measured.shape, np.nan, dtype=np.float32)
+        precision = torch.float32 if measured.dtype == np.float32 else torch.float64
+        empty = np.full(measured.shape, np.nan, dtype=np.float32 if precision == torch.float32 else np.float64)
         if bottom <= top:
-            return Reconstruction(images, uncertainty)
-        window = (slice(top, bottom), slice(left, right))
-        measured, mask = measured[:, window[0], window[1]], mask[:, window[0], window[1]]
-        transforms = [fit_transform(m, k) for m, k in zip(measured, mask)]
-        batch = np.stack([network_input(m, k, t) for m, k, t in zip(measured, mask, transforms)])
-        mean, log_var = self._infer(batch)
-        for i, (t, (first, last)) in enumerate(zip(transforms, spans)):
-            rows = slice(first - top, last - top)
-            images[i, first:last, window[1]] = t.inverse(mean[i])[rows]
-            uncertainty[i, first:last, window[1]] = (np.exp(0.5 * log_var[i]) * t.scale)[rows]
-        return Reconstruction(images, uncertainty)
+            return Reconstruction(empty, empty.astype(np.float32))
+        window = (slice(None), slice(None), slice(None)) if self.runner.fixed_shapes else \
+            (slice(None), slice(top, bottom), slice(left, right))
+        rows, cols = np.arange(measured.shape[1])[window[1]], np.arange(measured.shape[2])[window[2]]
+        device = self.runner.device
+        values = torch.from_numpy(np.ascontiguousarray(measured[window])).to(device)
+        known = torch.from_numpy(np.ascontiguousarray(mask[window])).to(device)
+        inputs, planes = network_input(values, known, self._steps)
+        rows_inside = torch.from_numpy((rows >= spans[:, :1]) & (rows < spans[:, 1:])).to(device)
+        cols_inside = torch.from_numpy((cols >= left) & (cols < right)).to(device)
+        out = self._finishers[precision](self._infer(inputs), planes.coef, planes.scale, rows_inside, cols_inside)
+        images, uncertainty = out.cpu().numpy()  # one transfer brings frames and uncertainty
+        if images.shape != measured.shape:  # a window: placed in frames NaN elsewhere
+            window_images, window_uncertainty = images, uncertainty
+            images, uncertainty = empty, empty.astype(np.float32)
+            images[window], uncertainty[window] = window_images, window_uncertainty
+        return Reconstruction(images, uncertainty.astype(np.float32, copy=False))
+
+
+def finish(out: torch.Tensor, coef: torch.Tensor, scale: torch.Tensor, rows_inside: torch.Tensor,
+           cols_inside: torch.Tensor, precision: torch.dtype) -> torch.Tensor:
+    """(2, B, H, W) in `precision`: the network's mean in physical units and its standard
+    deviation, NaN outside the rows (B, H) and columns (W) that may be inferred."""
+    inside = rows_inside[:, :, None] & cols_inside[None, None, :]
+    frames = torch.where(inside, Planes(coef, scale).inverse(out[:, 0]), torch.nan)
+    sigma = torch.where(inside, torch.exp(0.5 * out[:, 1].double()) * scale[:, None, None], torch.nan)
+    return torch.stack([frames, sigma]).to(precision)
 
 
 def export_onnx(path: str, weights: Path = DEFAULT_WEIGHTS, opset: int = 17, half: bool = False) -> None:

@@ -41,13 +41,16 @@ class NormalizedConvolution(nn.Module):
         self.pad = kernel.shape[-1] // 2
 
     def _blur(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(F.pad(x, (self.pad, self.pad, 0, 0), mode="reflect"), self.row)
-        return F.conv2d(F.pad(x, (0, 0, self.pad, self.pad), mode="reflect"), self.col)
+        x = F.conv2d(F.pad(x, (self.pad, self.pad, 0, 0), mode="reflect"), self.row.float())
+        return F.conv2d(F.pad(x, (0, 0, self.pad, self.pad), mode="reflect"), self.col.float())
 
     def forward(self, value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        both = self._blur(torch.cat([value * mask, mask], dim=0))
+        """In float32 whatever the model's precision: in half precision these one-channel
+        convolutions with long kernels took 3.4 ms a call at 32 x 256 x 256 on an H100, and the
+        whole network 16.9 ms against 3.2 ms with them in float32."""
+        both = self._blur(torch.cat([value * mask, mask], dim=0).float())
         filled, weight = both[: value.shape[0]], both[value.shape[0]:]
-        return filled / weight.clamp_min(1e-3)
+        return (filled / weight.clamp_min(1e-3)).to(value.dtype)
 
 
 def _block(channels_in: int, channels_out: int) -> nn.Sequential:

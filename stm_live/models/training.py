@@ -25,7 +25,7 @@ import torch
 from stm_live.drivers.scanfiles import read_scan_file
 from stm_live.engines.base import inferable_rows
 from stm_live.models.architecture import MaskedUNet
-from stm_live.models.normalize import fit_transform, network_input
+from stm_live.models.normalize import network_input
 from stm_live.models.weights import save_weights
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class TrainingImages:
         self.sim, self.real, self.real_fraction = sim, real, real_fraction if real else 0.0
 
     def batch(self, rng: np.random.Generator, size: int, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = [], []
+        patches, masks, ignored = [], [], []
         for _ in range(size):
             pool = self.real if rng.random() < self.real_fraction else self.sim
             image = pool[int(rng.integers(len(pool)))]
@@ -96,13 +96,17 @@ class TrainingImages:
             if rng.random() < 0.5:
                 patch = patch[::-1]
             mask = random_mask(rng, crop, crop)
-            transform = fit_transform(patch, mask)
-            inputs.append(np.clip(network_input(patch, mask, transform), -CLIP, CLIP))
             top, bottom = inferable_rows(mask)
-            ignored = mask.copy()
-            ignored[:top] = ignored[bottom:] = True
-            targets.append(np.stack([np.clip(transform.forward(patch), -CLIP, CLIP), ignored]).astype(np.float32))
-        return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(targets))
+            beyond = mask.copy()
+            beyond[:top] = beyond[bottom:] = True
+            patches.append(patch)
+            masks.append(mask)
+            ignored.append(beyond)
+        image, mask = torch.from_numpy(np.stack(patches).astype(np.float64)), torch.from_numpy(np.stack(masks))
+        inputs, planes = network_input(image, mask)
+        inputs = inputs.clamp(-CLIP, CLIP)
+        truth = planes.forward(image).clamp(-CLIP, CLIP)
+        return inputs, torch.stack([truth, torch.from_numpy(np.stack(ignored)).float()], 1)
 
 
 def reconstruction_loss(prediction: torch.Tensor, target: torch.Tensor, variance_weight: float = 0.1) -> torch.Tensor:
