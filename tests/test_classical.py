@@ -110,3 +110,20 @@ def test_row_spline_is_the_per_column_spline_of_scipy(degree):
         expected = np.stack([np.interp(at, rows, column) for column in image[rows].T], axis=1)
     for span in [(0, 90), (2, 85)]:
         np.testing.assert_allclose(spline_rows(image, rows, degree, span), expected[span[0]:span[1]], atol=1e-12)
+
+
+@pytest.mark.parametrize(("n_rows", "n_cols"), [(16, 20), (4, 5), (3, 7), (2, 9)])
+def test_grid_spline_is_scipys_bivariate_interpolating_spline(n_rows, n_cols):
+    """One cached matrix per axis gives FITPACK's interpolating tensor spline (degree 3, or
+    points - 1 on an axis with fewer than four), edges held beyond the grid."""
+    from scipy.interpolate import RectBivariateSpline
+
+    from stm_live.engines.classical import spline_grid
+
+    rng = np.random.default_rng(4)
+    image = rng.normal(size=(100, 90))
+    rows = np.sort(rng.choice(np.arange(3, 95), n_rows, replace=False))
+    cols = np.sort(rng.choice(np.arange(2, 88), n_cols, replace=False))
+    spline = RectBivariateSpline(rows, cols, image[np.ix_(rows, cols)], kx=min(3, n_rows - 1), ky=min(3, n_cols - 1))
+    expected = spline(np.clip(np.arange(100), rows[0], rows[-1]), np.clip(np.arange(90), cols[0], cols[-1]))
+    np.testing.assert_allclose(spline_grid(image, rows, cols), expected, rtol=0, atol=1e-10)

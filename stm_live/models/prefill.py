@@ -113,7 +113,7 @@ def prefill(values: torch.Tensor, mask: torch.Tensor, outline: Outline | None = 
     has it, saves reading the mask back from the device."""
     values = torch.where(mask, values.double(), 0.0)
     groups = (outline or Outline.of(mask)).groups()
-    if len(groups) == 1 and len(members := next(iter(groups.values()))) == len(values):
+    if len(groups) == 1 and len(next(iter(groups.values()))) == len(values):
         (kind, *keys), = groups  # the whole batch measured alike: no gathering
         return _fill(kind, keys, values, mask, sigma_px)
     out = torch.zeros_like(values)
