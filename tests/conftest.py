@@ -83,11 +83,17 @@ class Harness:
                           if with_publisher else None)
 
     def start(self) -> Harness:
+        """Start the daemon and wait until it serves; if it does not, stop what was started, so
+        no socket is left open to block the context's termination (and the test run) forever."""
         self.thread.start()
-        assert self.daemon.wait_ready(10)
-        if self.publisher is not None:
-            assert self.publisher.wait_for_subscriber(10)
-        self.listener.until(lambda ms: any(m.type == "heartbeat" for m in ms), what="daemon heartbeat")
+        try:
+            assert self.daemon.wait_ready(10), "the daemon was not ready within 10 s"
+            if self.publisher is not None:
+                assert self.publisher.wait_for_subscriber(10), "the daemon did not subscribe within 10 s"
+            self.listener.until(lambda ms: any(m.type == "heartbeat" for m in ms), what="daemon heartbeat")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def status_after(self, predicate: Callable[[Status], bool], timeout: float = 20.0) -> Status:
@@ -117,6 +123,11 @@ def settings(tmp_path) -> Settings:
     return s
 
 
+# Test contexts end with destroy(linger=0), not term(): term() waits for every socket to be
+# closed, so a test failing with one open (a REQ socket mid-exchange, a daemon that never
+# started) would hang the whole run instead of reporting the failure.
+
+
 @pytest.fixture
 def harness(settings) -> Iterator[Harness]:
     context = zmq.Context()
@@ -125,7 +136,7 @@ def harness(settings) -> Iterator[Harness]:
         yield h
     finally:
         h.stop()
-        context.term()
+        context.destroy(linger=0)
 
 
 CHANNELS = (ChannelInfo("Z", "m", "float32"), ChannelInfo("Current", "A", "float32"))

@@ -104,7 +104,7 @@ def test_busy_endpoint_is_a_clear_error():
         result = stm_live("run", "--input", free_tcp_endpoint(), "--output", endpoint, "--record", "")
     finally:
         holder.close(0)
-        context.term()
+        context.destroy(linger=0)
     assert result.returncode == 3 and "Address already in use" in result.stderr
 
 

@@ -63,7 +63,7 @@ def test_sim_to_daemon_to_subscriber(settings):
         truth_sock.close(0)
         sim.close()
         harness.stop()
-        context.term()
+        context.destroy(linger=0)
 
 
 def test_bad_input_is_dropped_counted_and_the_rest_recorded(harness, settings):
@@ -181,7 +181,7 @@ def test_a_failing_engine_hands_every_frame_to_the_fallback(settings, monkeypatc
         assert sum(isinstance(m, Line) for m in journal) == 16
     finally:
         harness.stop()
-        context.term()
+        context.destroy(linger=0)
 
 
 def test_a_failing_engine_without_fallback_costs_reconstructions_only(settings, monkeypatch):
@@ -197,7 +197,7 @@ def test_a_failing_engine_without_fallback_costs_reconstructions_only(settings, 
         assert np.array_equal(final.image, frame) and not harness.listener.frames(uid="crashy", kind="reconstructed")
     finally:
         harness.stop()
-        context.term()
+        context.destroy(linger=0)
 
 
 def test_a_hanging_engine_times_out_and_no_frame_is_lost(settings, monkeypatch):
@@ -231,7 +231,7 @@ def test_a_hanging_engine_times_out_and_no_frame_is_lost(settings, monkeypatch):
     finally:
         hanging.release.set()
         harness.stop()
-        context.term()
+        context.destroy(linger=0)
 
 
 def test_a_stalled_subscriber_does_not_hold_up_the_daemon_or_other_subscribers(settings):
@@ -261,7 +261,7 @@ def test_a_stalled_subscriber_does_not_hold_up_the_daemon_or_other_subscribers(s
     finally:
         stalled.close()
         h.stop()
-        context.term()
+        context.destroy(linger=0)
 
 
 def test_a_scan_whose_instrument_falls_silent_is_closed_as_aborted(settings):
@@ -278,7 +278,7 @@ def test_a_scan_whose_instrument_falls_silent_is_closed_as_aborted(settings):
             assert f.attrs["end_reason"] == "aborted" and f["forward/measured"][()].sum() == 24
     finally:
         h.stop()
-        context.term()
+        context.destroy(linger=0)
 
 
 def test_a_simulator_killed_mid_scan_and_restarted(settings):
@@ -313,7 +313,7 @@ def test_a_simulator_killed_mid_scan_and_restarted(settings):
         if first.poll() is None:
             first.kill()
         h.stop()
-        context.term()
+        context.destroy(linger=0)
 
 
 def test_progressive_frames_are_rate_limited_and_held_lines_follow(settings):
@@ -340,7 +340,7 @@ def test_progressive_frames_are_rate_limited_and_held_lines_follow(settings):
                          what="the final frame")
     finally:
         h.stop()
-        context.term()
+        context.destroy(linger=0)
 
 
 def test_viewers_stream_is_paced_and_ends_with_the_newest_frame(settings):
@@ -380,7 +380,7 @@ def test_viewers_stream_is_paced_and_ends_with_the_newest_frame(settings):
         h.status_after(lambda s: s.counters.get("published_view:forward:Z:") == len(on("view:forward:Z:")))
     finally:
         h.stop()
-        context.term()
+        context.destroy(linger=0)
 
 
 def test_a_late_subscriber_gets_the_newest_final_frame_of_its_slot(harness, settings):

@@ -52,7 +52,7 @@ class Wire:
     def close(self) -> None:
         self.sub.close()
         self.publisher.close(linger_s=0)
-        self.context.term()
+        self.context.destroy(linger=0)
 
 
 @pytest.fixture

@@ -296,7 +296,7 @@ def test_daemon_publishes_a_localization_map_of_every_final_height_frame(setting
         assert status.counters["locmap_errors"] == 0
     finally:
         harness.stop()
-        context.term()
+        context.destroy(linger=0)
 
 
 def test_daemon_measures_drift_between_rescans_of_one_area(settings):
@@ -331,7 +331,7 @@ def test_daemon_measures_drift_between_rescans_of_one_area(settings):
         assert motion["drift_y_nm_s"] == pytest.approx(-2 * pixel / 20, abs=0.1 * pixel)
     finally:
         harness.stop()
-        context.term()
+        context.destroy(linger=0)
 
 
 @pytest.mark.skipif(not (REAL / "Si_7x7_051.sxm").exists(), reason="needs ../shared/data/real")
@@ -435,4 +435,4 @@ def test_daemon_localizes_molecules_on_their_crops_when_asked(settings):
         assert status.counters["crop_requests_refused"] == 6 and status.counters["crop_maps_published"] == 1
     finally:
         harness.stop()
-        context.term()
+        context.destroy(linger=0)

@@ -55,7 +55,7 @@ def test_sigkill_mid_scan_keeps_every_received_line(tmp_path):
         if daemon.poll() is None:
             daemon.kill()
         pub.close(linger_s=0)
-        context.term()
+        context.destroy(linger=0)
 
 
 def test_journal_is_verbatim_and_a_cut_tail_is_skipped(tmp_path):
@@ -127,7 +127,7 @@ def test_restarted_daemon_resumes_the_interrupted_scan(tmp_path):
     finally:
         daemon.kill()
         pub.close(linger_s=0)
-        context.term()
+        context.destroy(linger=0)
 
 
 def test_a_resumed_scan_that_stays_silent_is_closed_as_aborted(tmp_path):

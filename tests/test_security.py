@@ -36,7 +36,7 @@ def test_remote_binds_need_curve():
     with pytest.raises(SecurityError, match="not loopback"):
         InstrumentPublisher("tcp://*:0", "x", context=context)
     sock.close(0)
-    context.term()
+    context.destroy(linger=0)
 
 
 @pytest.fixture
@@ -94,8 +94,8 @@ def test_curve_daemon_serves_only_allowed_clients_and_trusts_only_its_instrument
         impostor_keys.close()
         h.daemon.stop()
         h.thread.join(30)
-        context.term()
-        elsewhere.term()
+        context.destroy(linger=0)
+        elsewhere.destroy(linger=0)
 
 
 def test_curve_action_channel_answers_only_allowed_clients(keys):
@@ -126,7 +126,7 @@ def test_curve_action_channel_answers_only_allowed_clients(keys):
     finally:
         server.close()
         server_keys.close()
-        context.term()
+        context.destroy(linger=0)
 
 
 def test_missing_keys_are_named(tmp_path):
@@ -135,4 +135,4 @@ def test_missing_keys_are_named(tmp_path):
     with pytest.raises(SecurityError, match="stm-live keys"):
         Security(tmp_path / "nowhere").bind(sock, "tcp://127.0.0.1:0")
     sock.close(0)
-    context.term()
+    context.destroy(linger=0)

@@ -55,7 +55,7 @@ def test_daemon_publishes_a_tip_reading_per_window_and_alerts_on_a_change(settin
     finally:
         running.close()
         h.stop()
-        context.term()
+        context.destroy(linger=0)
 
 
 def conditioning_setup(settings, driver_max_bias_v: float):
@@ -96,7 +96,7 @@ def test_alert_asks_the_instrument_to_condition_and_the_recovery_is_reported(set
     finally:
         running.close()
         h.stop()
-        context.term()
+        context.destroy(linger=0)
 
 
 def test_the_instrument_refuses_actions_beyond_its_own_limits(settings):
@@ -113,4 +113,4 @@ def test_the_instrument_refuses_actions_beyond_its_own_limits(settings):
     finally:
         running.close()
         h.stop()
-        context.term()
+        context.destroy(linger=0)

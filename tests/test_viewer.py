@@ -59,7 +59,7 @@ def recorded(tmp_path_factory):
     finally:
         sim.close()
         h.stop()
-        context.term()
+        context.destroy(linger=0)
     return [m for m in h.listener.messages if m.type != "heartbeat"]
 
 
@@ -78,7 +78,7 @@ def window_and_publisher(qapp):
     window.deleteLater()
     qapp.processEvents()
     pub.close()
-    context.term()
+    context.destroy(linger=0)
 
 
 def for_viewer(msg) -> list:
@@ -269,7 +269,7 @@ def test_a_frozen_viewer_costs_the_daemon_nothing_and_counts_what_it_missed(qapp
         h.listener.close()
         if h.publisher is not None:
             h.publisher.close(linger_s=0)
-        context.term()
+        context.destroy(linger=0)
 
 
 def test_the_viewer_takes_frames_of_the_shown_slot_only(qapp, window_and_publisher):
