@@ -140,7 +140,7 @@ def bench_infer(engine_name: str = "model", sizes: tuple[int, ...] = (128, 256, 
                 throughput_s: float = 3.0, half: bool = False) -> dict[str, Any]:
     """Per frame size: latency of one frame at batch 1, and frames/s at each batch size (calls
     repeated for about `throughput_s`, at least twice), through the engine (normalisation and
-    restoring measured pixels included)."""
+    restoring measured pixels included); for the learned engine also its network's share."""
 
     from stm_live.engines import create_engine, reconstruct_exact
     from stm_live.engines.runners import RunnerOptions
@@ -163,6 +163,8 @@ def bench_infer(engine_name: str = "model", sizes: tuple[int, ...] = (128, 256, 
         ms = np.array(times) * 1000
         latency[str(size)] = {"p50_ms": round(float(np.percentile(ms, 50)), 2),
                               "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+        if hasattr(engine, "runner"):
+            latency[str(size)]["network_p50_ms"] = _network_ms(engine, measured, masks, repeats)
         throughput[str(size)] = {}
         for batch in batches:
             stacked, stacked_masks = np.repeat(measured, batch, axis=0), np.repeat(masks, batch, axis=0)
@@ -175,6 +177,29 @@ def bench_infer(engine_name: str = "model", sizes: tuple[int, ...] = (128, 256, 
     return {"benchmark": "infer", "machine": machine(), "engine": engine.name,
             "backend": getattr(engine, "backend", "-"), "threads": threads, "half": half,
             "plan": "lines:4", "latency_batch1": latency, "frames_per_s": throughput}
+
+
+def _network_ms(engine: Any, measured: np.ndarray, masks: np.ndarray, repeats: int) -> float:
+    """The learned engine's network alone (its runner on an input already prepared on the
+    runner's device), p50 in ms: what of the engine's latency is not the network."""
+    import torch
+
+    from stm_live.models.normalize import network_input
+
+    runner = engine.runner
+    synchronize = torch.cuda.synchronize if runner.device == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        inputs, _ = network_input(torch.from_numpy(measured).to(runner.device), torch.from_numpy(masks).to(runner.device))
+        for _ in range(3):
+            runner.infer(inputs)
+        times = []
+        for _ in range(repeats):
+            synchronize()
+            start = time.perf_counter()
+            runner.infer(inputs)
+            synchronize()
+            times.append(time.perf_counter() - start)
+    return round(float(np.percentile(np.array(times) * 1000, 50)), 2)
 
 
 def _scan_from_sim(endpoint: str, frames: int, size: int, plan: str, rate: float) -> None:

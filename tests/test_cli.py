@@ -80,6 +80,8 @@ def test_bench_tip_times_rows_with_and_without_a_classification_apart():
 def test_bench_infer_and_e2e_report_latency_and_throughput():
     infer = bench_infer("classical", sizes=(64,), repeats=3, batches=(1, 4), throughput_s=0.05)
     assert infer["latency_batch1"]["64"]["p50_ms"] > 0 and set(infer["frames_per_s"]["64"]) == {"1", "4"}
+    learned = bench_infer("model", sizes=(64,), repeats=3, batches=(1,), throughput_s=0.05)["latency_batch1"]["64"]
+    assert learned["network_p50_ms"] > 0 and learned["p50_ms"] > 0, "the learned engine's network is timed on its own too"
     settings = Settings()
     settings.daemon.progressive_max_hz = 0  # a frame per line: how many come does not hang on timing
     e2e = bench_e2e(settings, engine="classical", frames=1, size=64, rate=400.0)
