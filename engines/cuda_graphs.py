@@ -54,6 +54,3 @@ class GraphCache:
 
     def __len__(self) -> int:
         return len(self._graphs)
-
-    def clear(self) -> None:
-        self._graphs.clear()

@@ -37,7 +37,7 @@ from stm_live.protocol import TIP_STATES
 from stm_live.sim.scan import acquisition_rows
 from stm_live.tip.classifier import WINDOW_ROWS, TipClassifier
 from stm_live.tip.episodes import RowSequence, evaluation_sequences
-from stm_live.tip.monitor import GOOD, SCHEDULE, TipMonitor
+from stm_live.tip.monitor import GOOD, DEFAULTS, TipMonitor
 
 EVALUATION_SEED = 1_000_003
 VISIBILITY_THRESHOLDS = (20.0, 100.0, 500.0)
@@ -150,9 +150,9 @@ def _alerted(first_alerts: dict[str, list[tuple[int, str] | None]]) -> dict:
     return out
 
 
-def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1, hop: int = SCHEDULE.hop,
+def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1, hop: int = DEFAULTS.hop,
                  progress: Callable[[int], None] = lambda n: None, size: int = 256,
-                 event_mads: float = SCHEDULE.event_mads) -> dict:
+                 event_mads: float = DEFAULTS.event_mads) -> dict:
     scores: list[np.ndarray] = []
     beliefs: list[np.ndarray] = []
     labels: list[int] = []
@@ -238,8 +238,8 @@ def evaluate_tip(classifier: TipClassifier, episodes: int = 100, stride: int = 1
     }
 
 
-def monitor_scan_file(path: str | Path, classifier: TipClassifier, hop: int = SCHEDULE.hop, channel: str = "Z",
-                      event_mads: float = SCHEDULE.event_mads) -> dict:
+def monitor_scan_file(path: str | Path, classifier: TipClassifier, hop: int = DEFAULTS.hop, channel: str = "Z",
+                      event_mads: float = DEFAULTS.event_mads) -> dict:
     """Run the monitor over a recorded scan in acquisition order; per row, the state it published."""
     scan = read_scan_file(path)
     data = next((c for c in scan.channels if c.name == channel), None)

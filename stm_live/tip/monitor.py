@@ -28,7 +28,7 @@ from stm_live.tip.classifier import WINDOW_ROWS, TipClassifier, summarize, windo
 from stm_live.tip.features import FEATURE_NAMES, Row, compile_kernels, features_of, prepare_row, stands_out
 
 log = logging.getLogger(__name__)
-SCHEDULE = TipSettings()  # when windows are read, by default: `tip.hop`, `tip.event_mads`
+DEFAULTS = TipSettings()  # the monitor's defaults are the config's (`[tip]`), held in one place
 
 GOOD = "good"
 CHANGED = "changed"
@@ -55,8 +55,9 @@ class TipStateMachine:
     two kinds the classifier finds about equally likely do not take turns in the alerts.
     """
 
-    def __init__(self, classes: tuple[str, ...], enter: float = 0.95, leave: float = 0.3, confirm: int = 5,
-                 clear: int = 4, smoothing: float = 0.1, kind_margin: float = 0.3, kind_enter: float = 0.9) -> None:
+    def __init__(self, classes: tuple[str, ...], enter: float = DEFAULTS.enter, leave: float = DEFAULTS.leave,
+                 confirm: int = DEFAULTS.confirm, clear: int = DEFAULTS.clear, smoothing: float = DEFAULTS.smoothing,
+                 kind_margin: float = DEFAULTS.kind_margin, kind_enter: float = DEFAULTS.kind_enter) -> None:
         self.classes = classes
         self.good = classes.index(GOOD)
         self.changed = classes.index(CHANGED)
@@ -135,9 +136,10 @@ class _ScanRows:
 class TipMonitor:
     """Per-scan row windows, one classifier, one state machine (the instrument's tip)."""
 
-    def __init__(self, classifier: TipClassifier, hop: int = SCHEDULE.hop, enter: float = 0.95, leave: float = 0.3,
-                 confirm: int = 5, clear: int = 4, smoothing: float = 0.1, kind_margin: float = 0.3,
-                 kind_enter: float = 0.9, event_mads: float = SCHEDULE.event_mads) -> None:
+    def __init__(self, classifier: TipClassifier, hop: int = DEFAULTS.hop, enter: float = DEFAULTS.enter,
+                 leave: float = DEFAULTS.leave, confirm: int = DEFAULTS.confirm, clear: int = DEFAULTS.clear,
+                 smoothing: float = DEFAULTS.smoothing, kind_margin: float = DEFAULTS.kind_margin,
+                 kind_enter: float = DEFAULTS.kind_enter, event_mads: float = DEFAULTS.event_mads) -> None:
         self.classifier = classifier
         self.hop = hop
         self.event_mads = event_mads
