@@ -122,12 +122,15 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self.banner.setWordWrap(True)
         self.banner.hide()
         layout.addWidget(self.banner)
+        colourize(np.zeros((1, 1)), (0.0, 1.0), colour_table("inferno"))  # compile now, not at the first frame
         self.graphics = pg.GraphicsLayoutWidget()
         self.graphics.setBackground("#202020")
+        # A plain background is cheaper filled than blitted from a cached copy at every paint.
+        self.graphics.setCacheMode(QtWidgets.QGraphicsView.CacheModeFlag.CacheNone)
         layout.addWidget(self.graphics, 1)
         self.views: dict[str, pg.PlotItem] = {}
         self.images: dict[str, pg.ImageItem] = {}
-        self.progress: dict[str, pg.TextItem] = {}
+        self.progress: dict[str, QtWidgets.QGraphicsSimpleTextItem] = {}
         self.scale_bars: dict[str, pg.ScaleBar] = {}
         for column, (name, _, title) in enumerate(PANELS):
             view = self.graphics.addPlot(row=0, col=column, title=title)
@@ -139,8 +142,10 @@ class ViewerWindow(QtWidgets.QMainWindow):
             self.tables[name] = colour_table("viridis" if name == "uncertainty" else "inferno")
             view.addItem(image)
             self.views[name], self.images[name] = view, image
-            progress = pg.TextItem(color="w", anchor=(0, 0))
-            progress.setParentItem(view.getViewBox())
+            # A plain text item: it changes at every render, and a rich-text one (pg.TextItem)
+            # lays out a whole text document each time.
+            progress = QtWidgets.QGraphicsSimpleTextItem(view.getViewBox())
+            progress.setBrush(pg.mkBrush("w"))
             progress.setPos(4, 4)
             self.progress[name] = progress
         view = self.graphics.addPlot(row=0, col=len(PANELS), title="Localization map: INFERRED (none yet)")
