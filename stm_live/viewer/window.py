@@ -122,7 +122,6 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self.banner.setWordWrap(True)
         self.banner.hide()
         layout.addWidget(self.banner)
-        colourize(np.zeros((1, 1)), (0.0, 1.0), colour_table("inferno"))  # compile now, not at the first frame
         self.graphics = pg.GraphicsLayoutWidget()
         self.graphics.setBackground("#202020")
         # A plain background is cheaper filled than blitted from a cached copy at every paint.
