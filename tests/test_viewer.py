@@ -411,3 +411,22 @@ def test_panels_reach_qt_as_opaque_colours(qapp, recorded):
             assert item.qimage.format() in (QtGui.QImage.Format.Format_RGBA8888, QtGui.QImage.Format.Format_RGBX8888)
     finally:
         window.close()
+
+
+def test_every_panel_is_as_large_as_the_others_whatever_its_title(qapp, recorded):
+    """Titles of different lengths (the localization map's runs over three lines) wrap instead of
+    widening their panel, so the measured frame is drawn as large as its reconstruction."""
+    window = ViewerWindow()
+    window.resize(1900, 620)
+    window.show()
+    try:
+        for msg in recorded:
+            window.apply(msg)
+        window.render()
+        qapp.processEvents()
+        assert len({len(window._titles[name]) for name in window._titles}) > 2  # titles do differ
+        boxes = [view.getViewBox().sceneBoundingRect() for view in window.views.values()]
+        assert max(b.width() for b in boxes) - min(b.width() for b in boxes) <= 1
+        assert max(b.height() for b in boxes) - min(b.height() for b in boxes) <= 1
+    finally:
+        window.close()

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyqtgraph as pg
 import zmq
-from PySide6 import QtCore, QtWidgets
+from PySide6 import QtCore, QtGui, QtWidgets
 
 from stm_live.protocol import Decoder, Frame, LocMap, Message, ProtocolError, Status
 from stm_live.security import LOOPBACK_ONLY, Security
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 RENDER_HZ = 30
 RENDER_SLACK_S = 1.0 / RENDER_HZ - 0.002  # the timer's period is whole milliseconds
 SIBLING_WAIT_S = 0.002  # an update's raw and reconstructed frames arrive together
+TITLE_WIDTH_PX = 440  # a panel title wraps at this width, so that every panel is as wide as the others
+TITLE_HEIGHT_PX = 54  # three lines of a title
 RECEIVE_HWM = 100  # frames waiting in the viewer, at most: it shows only the newest per slot anyway
 TIP_COLOURS = {"good": "#2e7d32", "blunt": "#ef6c00", "multi": "#c62828", "unstable": "#6a1b9a",
                "changed": "#1565c0"}
@@ -162,9 +164,28 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self.molecule_atoms = pg.ScatterPlotItem(size=7, symbol="x", pen=pg.mkPen("#76ff03", width=1.2), pxMode=True)
         view.addItem(self.molecule_atoms)
         self.views[LOCALIZATION], self.images[LOCALIZATION] = view, image
+        self._equal_columns()
         self.setCentralWidget(central)
         self.status_label = QtWidgets.QLabel("waiting for the daemon")
         self.statusBar().addWidget(self.status_label, 1)
+
+    def _equal_columns(self) -> None:
+        """Every panel as wide and as tall as the others: left to their titles, the measured panel
+        drew its frame a fifth smaller than the reconstruction beside it. Titles wrap within a
+        fixed width, in a title row of the same height on every panel."""
+        layout = self.graphics.ci.layout
+        for column, view in enumerate(self.views.values()):
+            title = view.titleLabel.item
+            title.setTextWidth(TITLE_WIDTH_PX)
+            title.document().setDefaultTextOption(QtGui.QTextOption(QtCore.Qt.AlignmentFlag.AlignCenter))
+            self._fix_title_row(view)
+            layout.setColumnStretchFactor(column, 1)
+
+    @staticmethod
+    def _fix_title_row(view: pg.PlotItem) -> None:
+        """pyqtgraph sets a one-line title row at every new title; ours holds three."""
+        view.titleLabel.setMaximumHeight(TITLE_HEIGHT_PX)
+        view.layout.setRowFixedHeight(0, TITLE_HEIGHT_PX)
 
     # -- input --------------------------------------------------------------------------------
     def connect(self, endpoint: str, context: zmq.Context, security: Security = LOOPBACK_ONLY) -> None:
@@ -337,6 +358,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
         if self._titles.get(name) != text:
             self._titles[name] = text
             self.views[name].setTitle(text)
+            self._fix_title_row(self.views[name])
 
     def _set_rect(self, name: str, width_nm: float, height_nm: float) -> None:
         """Place the image in nm only when its size or pixel count changed: a new rectangle
