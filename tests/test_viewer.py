@@ -10,6 +10,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
+import pyqtgraph as pg  # noqa: E402
 import pytest  # noqa: E402
 import zmq  # noqa: E402
 from PySide6 import QtGui, QtWidgets  # noqa: E402
@@ -384,15 +385,17 @@ def test_robust_levels_ignore_spikes_and_gaps():
 
 def test_colourize_maps_levels_to_the_ends_of_the_table_and_missing_pixels_to_blank():
     table = colour_table("inferno")
+    assert table.shape == (257,) and (table >> 24 == 0xFF).all()  # opaque
+    inferno = pg.colormap.get("inferno").getLookupTable(nPts=256, alpha=False)
+    assert table[200] == 0xFF000000 | int(inferno[200, 0]) << 16 | int(inferno[200, 1]) << 8 | int(inferno[200, 2])
     image = np.array([[-5.0, 0.0, 0.5], [1.0, 7.0, np.nan]], np.float32)
-    rgb = colourize(image, (0.0, 1.0), table)
-    assert rgb.shape == (2, 3, 4) and rgb.dtype == np.uint8
-    assert (rgb[..., 3] == 255).all()
-    assert (rgb[0, 0] == table[0]).all() and (rgb[0, 1] == table[0]).all()  # below the levels: the low end
-    assert (rgb[1, 0] == table[255]).all() and (rgb[1, 1] == table[255]).all()  # above: the high end
-    assert (rgb[0, 2] == table[127]).all()
-    assert tuple(rgb[1, 2, :3]) == BLANK_RGB
-    assert BLANK_RGB not in {tuple(c) for c in table[:256, :3]}  # never confused with a value
+    pixels = colourize(image, (0.0, 1.0), table)
+    assert pixels.shape == (2, 3) and pixels.dtype == np.uint32
+    assert pixels[0, 0] == table[0] and pixels[0, 1] == table[0]  # below the levels: the low end
+    assert pixels[1, 0] == table[255] and pixels[1, 1] == table[255]  # above: the high end
+    assert pixels[0, 2] == table[127]
+    assert QtGui.QColor(int(pixels[1, 2])).getRgb()[:3] == BLANK_RGB
+    assert table[256] not in set(table[:256])  # never confused with a value
     assert (colourize(np.ones((2, 2)), (1.0, 1.0), table) == table[0]).all()  # flat frame, empty range
 
 
@@ -408,7 +411,10 @@ def test_panels_reach_qt_as_opaque_colours(qapp, recorded):
             item = window.images[name]
             assert item.levels is None and item.lut is None
             item.render()
-            assert item.qimage.format() in (QtGui.QImage.Format.Format_RGBA8888, QtGui.QImage.Format.Format_RGBX8888)
+            assert item.qimage.format() == QtGui.QImage.Format.Format_RGB32  # drawn without a conversion
+            rows, cols = item.image.shape
+            for y, x in ((0, 0), (rows // 2, cols // 3), (rows - 1, cols - 1)):
+                assert item.qimage.pixel(x, y) == int(item.image[y, x])  # the colours as coloured
     finally:
         window.close()
 

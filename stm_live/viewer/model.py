@@ -140,14 +140,12 @@ BLANK_RGB = (96, 96, 96)  # pixels with no value (not measured yet): a grey none
 
 
 def colourize(image: np.ndarray, levels: tuple[float, float], table: np.ndarray) -> np.ndarray:
-    """Float image -> (rows, cols, 4) opaque uint8 colours from a (257, 4) table (256 colours, then
-    the blank one), levels clipped to the ends of the map and missing (NaN) pixels blank. Done
-    here rather than by the image item, whose 8-bit indexed image Qt converts again on every
-    paint (about 0.6 ms a panel against 0.16). The table is read as 32-bit words: one gather a
-    pixel."""
+    """Float image -> (rows, cols) uint32 pixels from a (257,) table of them (256 colours, then the
+    blank one), levels clipped to the ends of the map and missing (NaN) pixels blank. Done here
+    rather than by the image item, whose 8-bit indexed image Qt converts again on every paint
+    (about 0.6 ms a panel against 0.16): one gather a pixel."""
     lo, hi = levels
     scaled = (np.asarray(image, np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo) if hi > lo else 0.0)
     np.clip(scaled, 0.0, 255.0, out=scaled)
     np.nan_to_num(scaled, copy=False, nan=256.0)
-    colours = np.take(table.view(np.uint32).ravel(), scaled.astype(np.uint16))
-    return colours.view(np.uint8).reshape(*colours.shape, 4)
+    return np.take(table, scaled.astype(np.uint16))

@@ -52,12 +52,27 @@ LOCALIZATION = "localization"
 
 
 def colour_table(colormap: str) -> np.ndarray:
-    """(257, 4) uint8 table for `colourize`: 256 opaque colours of the named map, then the blank one."""
-    table = np.empty((257, 4), np.uint8)
-    table[:256] = pg.colormap.get(colormap).getLookupTable(nPts=256, alpha=True)
-    table[256] = (*BLANK_RGB, 255)
-    table[:, 3] = 255
-    return table
+    """(257,) table for `colourize`: 256 opaque colours of the named map, then the blank one, as
+    Qt's 32-bit RGB pixels (0xffRRGGBB)."""
+    rgb = np.empty((257, 3), np.uint32)
+    rgb[:256] = pg.colormap.get(colormap).getLookupTable(nPts=256, alpha=False)
+    rgb[256] = BLANK_RGB
+    return np.uint32(0xFF000000) | rgb[:, 0] << 16 | rgb[:, 1] << 8 | rgb[:, 2]
+
+
+class ColourImageItem(pg.ImageItem):
+    """An image item for pixels coloured already (`colourize`), handed to Qt as its native RGB32:
+    pyqtgraph would label 8-bit RGBA colours RGBX8888, which Qt converts at every paint (0.25-0.30
+    against 0.08 ms to draw a 256 x 256 panel in a 460 px square)."""
+
+    def render(self) -> None:
+        self._unrenderable = self.image is None or self.image.size == 0
+        if not self._unrenderable:
+            pixels = np.ascontiguousarray(self.image, np.uint32)
+            self.qimage = QtGui.QImage(pixels, pixels.shape[1], pixels.shape[0], pixels.strides[0],
+                                       QtGui.QImage.Format.Format_RGB32)
+            self.qimage.pixels = pixels  # the image reads the array's memory: keep it alive
+        self._renderRequired = False
 
 
 class ViewerWindow(QtWidgets.QMainWindow):
@@ -139,7 +154,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
             view.invertY(True)
             view.hideAxis("left")
             view.hideAxis("bottom")
-            image = pg.ImageItem()
+            image = ColourImageItem()
             self.tables[name] = colour_table("viridis" if name == "uncertainty" else "inferno")
             view.addItem(image)
             self.views[name], self.images[name] = view, image
@@ -154,7 +169,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
         view.invertY(True)
         view.hideAxis("left")
         view.hideAxis("bottom")
-        image = pg.ImageItem()
+        image = ColourImageItem()
         self.tables[LOCALIZATION] = colour_table("magma")
         view.addItem(image)
         self.atoms = pg.ScatterPlotItem(size=5, pen=pg.mkPen("c", width=0.8), brush=None, pxMode=True)
