@@ -186,7 +186,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
 
     def _equal_columns(self) -> None:
         """Every panel as wide and as tall as the others: left to their titles, the measured panel
-        drew its frame a fifth smaller than the reconstruction beside it. Titles wrap within a
+        drew its frame smaller than the reconstruction beside it. Titles wrap within a
         fixed width, in a title row of the same height on every panel."""
         layout = self.graphics.ci.layout
         for column, view in enumerate(self.views.values()):
