@@ -271,9 +271,6 @@ def cmd_view(args: argparse.Namespace) -> int:
     _stop_on_signals(lambda: stopping.append(True))
     if args.offscreen or not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    # Qt draws scaled images on a pool of threads; the viewer's panels cost less CPU drawn on one,
-    # and leave the other cores to the daemon (docs/performance.md).
-    os.environ.setdefault("QT_NO_GUI_THREADPOOL", "1")
     from stm_live.viewer.window import run_viewer
 
     settings = _settings(args, {})
