@@ -420,8 +420,8 @@ def test_panels_reach_qt_as_opaque_colours(qapp, recorded):
 
 
 def test_every_panel_is_as_large_as_the_others_whatever_its_title(qapp, recorded):
-    """Titles of different lengths (the localization map's runs over three lines) wrap instead of
-    widening their panel, so the measured frame is drawn as large as its reconstruction."""
+    """Titles of different lengths wrap instead of widening their panel, so the measured frame is
+    drawn as large as its reconstruction."""
     window = ViewerWindow()
     window.resize(1900, 620)
     window.show()
