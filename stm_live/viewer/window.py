@@ -145,7 +145,7 @@ class ViewerWindow(QtWidgets.QMainWindow):
         self.graphics.setCacheMode(QtWidgets.QGraphicsView.CacheModeFlag.CacheNone)
         layout.addWidget(self.graphics, 1)
         self.views: dict[str, pg.PlotItem] = {}
-        self.images: dict[str, pg.ImageItem] = {}
+        self.images: dict[str, ColourImageItem] = {}
         self.progress: dict[str, QtWidgets.QGraphicsSimpleTextItem] = {}
         self.scale_bars: dict[str, pg.ScaleBar] = {}
         for column, (name, _, title) in enumerate(PANELS):
